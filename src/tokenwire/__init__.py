@@ -1,0 +1,50 @@
+"""tokenwire: stream LLM tokens to the browser as SSE over fetch, with cancellation that reaches the model."""
+
+from ._app import create_app
+from ._client import stream_tokens
+from ._config import Settings
+from ._events import Done, Error, Finish, Queued, Reasoning, Start, Token, Usage, encode_event
+from ._exceptions import (
+    ClientError,
+    ConfigError,
+    ProviderError,
+    StreamCut,
+    TokenwireError,
+    TokenwireHTTPError,
+)
+from ._relay import Relay, RelayOptions
+from ._response import EventStreamResponse
+from ._sse import ServerSentEvent, SSEDecoder
+from .providers.base import GenerationRequest, Provider
+from .providers.scripted import ScriptedProvider
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClientError",
+    "ConfigError",
+    "Done",
+    "Error",
+    "EventStreamResponse",
+    "Finish",
+    "GenerationRequest",
+    "Provider",
+    "ProviderError",
+    "Queued",
+    "Reasoning",
+    "Relay",
+    "RelayOptions",
+    "SSEDecoder",
+    "ScriptedProvider",
+    "ServerSentEvent",
+    "Settings",
+    "Start",
+    "StreamCut",
+    "Token",
+    "TokenwireError",
+    "TokenwireHTTPError",
+    "Usage",
+    "create_app",
+    "encode_event",
+    "stream_tokens",
+]

@@ -1,0 +1,185 @@
+"""The ASGI application: routes, validation and limits; no streaming logic of its own."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ._config import Settings
+from ._relay import IdempotencyConflict, Relay, fingerprint_of
+from ._response import EventStreamResponse
+from ._validation import RequestError, invalid, parse_stream_request
+from .providers.base import Provider
+from .stores.base import StreamStore
+
+logger = logging.getLogger("tokenwire")
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def error_response(exc: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+
+
+def _static(name: str) -> bytes:
+    return resources.files("tokenwire").joinpath("static", name).read_bytes()
+
+
+async def read_json_body(request: Request, limit: int) -> Any:
+    """The request's JSON body; 415 / 413 / 400 errors that say what to fix."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        raise RequestError(
+            415,
+            "unsupported_media_type",
+            f"send the body as JSON with 'Content-Type: application/json' (got {content_type or 'none'!r})",
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, "too_large", f"the body is {declared} bytes; the limit is {limit}")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, "too_large", f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise invalid(f"the body is not valid JSON: {exc}") from None
+
+
+def principal_of(request: Request) -> str:
+    """Who is asking; anonymous until API keys are configured."""
+    return ""
+
+
+def parse_cursor(request: Request) -> int:
+    raw = request.headers.get("last-event-id")
+    if raw is None:
+        raw = request.query_params.get("after")
+    if raw is None or raw == "":
+        return 0
+    if not raw.isdigit():
+        raise invalid("Last-Event-ID / ?after= must be the seq number of the last event received", "after")
+    return int(raw)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    provider: Provider | None = None,
+    store: StreamStore | None = None,
+    relay: Relay | None = None,
+) -> Starlette:
+    """The tokenwire server.  Pass a ``provider`` (or a whole ``relay``) to override the settings'."""
+    settings = settings or Settings()
+    if relay is None:
+        relay = Relay(
+            provider or settings.create_provider(),
+            store=store or settings.create_store(),
+            options=settings.relay_options(),
+        )
+    index_html = _static("index.html")
+    client_js = _static("tokenwire.js")
+
+    async def post_stream(request: Request) -> Response:
+        try:
+            body = await read_json_body(request, settings.max_body)
+            parsed = parse_stream_request(body)
+            key = request.headers.get("idempotency-key")
+            if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+                raise invalid(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", "Idempotency-Key")
+            meta, _created = await relay.start(
+                parsed.generation,
+                principal=principal_of(request),
+                resumable=parsed.resumable,
+                idempotency_key=key,
+                fingerprint=fingerprint_of(body) if key is not None else None,
+            )
+        except RequestError as exc:
+            return error_response(exc)
+        except IdempotencyConflict:
+            return error_response(
+                RequestError(
+                    422,
+                    "invalid_request",
+                    "this Idempotency-Key was used with a different request body; use a new key",
+                    "Idempotency-Key",
+                )
+            )
+        return EventStreamResponse(relay, meta)  # type: ignore[return-value]
+
+    async def get_stream(request: Request) -> Response:
+        try:
+            after = parse_cursor(request)
+        except RequestError as exc:
+            return error_response(exc)
+        meta = await relay.get(request.path_params["stream_id"], principal_of(request))
+        if meta is None:
+            return error_response(_not_found())
+        return EventStreamResponse(relay, meta, after=after)  # type: ignore[return-value]
+
+    async def delete_stream(request: Request) -> Response:
+        meta = await relay.get(request.path_params["stream_id"], principal_of(request))
+        if meta is None:
+            return error_response(_not_found())
+        await relay.cancel(meta.stream_id)
+        return Response(status_code=204)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse(
+            {
+                "status": "ok",
+                "provider": relay.provider.name,
+                "model": relay.provider.default_model,
+                "active_streams": relay.active_streams,
+            }
+        )
+
+    async def index(request: Request) -> Response:
+        return Response(index_html, media_type="text/html; charset=utf-8")
+
+    async def client(request: Request) -> Response:
+        return Response(
+            client_js,
+            media_type="text/javascript; charset=utf-8",
+            headers={"cache-control": "no-cache"},
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await relay.startup()
+        try:
+            yield
+        finally:
+            await relay.aclose()
+
+    app = Starlette(
+        routes=[
+            Route("/", index, methods=["GET"]),
+            Route("/tokenwire.js", client, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/api/stream", post_stream, methods=["POST"]),
+            Route("/api/stream/{stream_id}", get_stream, methods=["GET"]),
+            Route("/api/stream/{stream_id}", delete_stream, methods=["DELETE"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.relay = relay
+    app.state.settings = settings
+    return app
+
+
+def _not_found() -> RequestError:
+    return RequestError(404, "not_found", "no such stream: it never existed, expired, or is not yours", "stream_id")

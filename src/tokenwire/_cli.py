@@ -1,0 +1,122 @@
+"""The command line: ``tokenwire serve`` and ``tokenwire ask``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from ._config import PROVIDERS, Settings
+from ._exceptions import ClientError, ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenwire", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the server (every flag also reads TOKENWIRE_<FLAG>)")
+    # Defaults are None so that TOKENWIRE_* variables and Settings' defaults apply.
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default 8000)")
+    serve.add_argument("--provider", choices=PROVIDERS, help="model backend (default local)")
+    serve.add_argument("--base-url", help="upstream base URL for openai/anthropic, e.g. http://127.0.0.1:8080/v1")
+    serve.add_argument("--model", help="model name sent upstream / reported in start events")
+    serve.add_argument("--model-path", help="GGUF file for the local provider (default: bundled SmolLM2-135M)")
+    serve.add_argument("--api-key-env", help="name of the environment variable holding the upstream API key")
+    serve.add_argument("--heartbeat", type=float, help="seconds of silence before a keepalive comment (15)")
+    serve.add_argument("--max-duration", type=float, help="deadline of one generation in seconds (600)")
+    serve.add_argument("--resume-grace", type=float, help="seconds a resumable stream outlives its client (30)")
+    serve.add_argument("--send-timeout", type=float, help="drop a client that stops reading after S s (30)")
+    serve.add_argument("--store", help="memory or redis://HOST:PORT/DB (default memory)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    ask = commands.add_parser("ask", help="stream an answer to the terminal")
+    ask.add_argument("prompt")
+    ask.add_argument("--url", default=os.environ.get("TOKENWIRE_URL", "http://127.0.0.1:8000"))
+    ask.add_argument("--model")
+    ask.add_argument("--max-tokens", type=int)
+    ask.add_argument("--no-resume", action="store_true", help="do not reconnect after a network error")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        return ask(args)
+    except ConfigError as exc:
+        print(f"tokenwire: {exc}", file=sys.stderr)
+        return 2
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ._app import create_app
+
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "host", "port", "provider", "base_url", "model", "model_path", "api_key_env", "heartbeat",
+            "max_duration", "resume_grace", "send_timeout", "store", "log_level",
+        )
+    }
+    settings = Settings.from_env(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=3,
+    )
+    server = uvicorn.Server(config)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    print(f"tokenwire: {settings.provider} provider; open http://{host}:{settings.port}/", flush=True)
+    server.run()
+    return 0
+
+
+def ask(args: argparse.Namespace) -> int:
+    from ._client import stream_tokens
+
+    body: dict[str, object] = {"prompt": args.prompt}
+    if args.model:
+        body["model"] = args.model
+    if args.max_tokens:
+        body["max_tokens"] = args.max_tokens
+    url = args.url.rstrip("/") + "/api/stream"
+
+    async def run() -> int:
+        async for event in stream_tokens(url, body, resume=not args.no_resume):
+            kind = event.get("type")
+            if kind in ("token", "reasoning"):
+                sys.stdout.write(event["text"])
+                sys.stdout.flush()
+            elif kind == "done":
+                sys.stdout.write("\n")
+                usage = event.get("usage", {})
+                print(
+                    f"[{event['finish_reason']}: {usage.get('completion_tokens')} tokens]", file=sys.stderr
+                )
+            elif kind == "error":
+                print(f"\n[error: {event['error']['message']}]", file=sys.stderr)
+                return 1
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        print("\n[stopped]", file=sys.stderr)
+        return 130
+    except ClientError as exc:
+        print(f"tokenwire: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"tokenwire: cannot reach {url}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,120 @@
+"""The events of a tokenwire stream (see PROTOCOL.md, "The event stream").
+
+Providers yield ``Queued``, ``Token``, ``Reasoning`` and ``Finish``; the relay adds
+``Start``, the terminal ``Done`` / ``Error`` and the sequence numbers.  Every event
+knows its JSON form; :func:`encode_event` turns one into the bytes of one SSE event,
+once, so that the log, the replay and the socket all share the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+FinishReason = Literal["stop", "length", "cancelled", "timeout"]
+ErrorType = Literal["upstream_error", "upstream_timeout", "internal_error"]
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    completion_tokens: int
+    prompt_tokens: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    stream_id: str
+    model: str
+    type: Literal["start"] = field(default="start", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "start", "stream_id": self.stream_id, "model": self.model}
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    position: int
+    type: Literal["queued"] = field(default="queued", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "queued", "position": self.position}
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    text: str
+    type: Literal["token"] = field(default="token", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "token", "text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class Reasoning:
+    text: str
+    type: Literal["reasoning"] = field(default="reasoning", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "reasoning", "text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """A provider's own end of generation; the relay turns it into ``Done``.
+
+    ``usage`` is what the provider reported, if anything; the relay fills in
+    ``completion_tokens`` from its own count when the provider gave none.
+    """
+
+    finish_reason: FinishReason
+    usage: Usage | None = None
+    type: Literal["finish"] = field(default="finish", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    finish_reason: FinishReason
+    usage: Usage
+    type: Literal["done"] = field(default="done", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "done", "finish_reason": self.finish_reason, "usage": self.usage.to_dict()}
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    error_type: ErrorType
+    message: str
+    retryable: bool = False
+    type: Literal["error"] = field(default="error", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": "error",
+            "error": {"type": self.error_type, "message": self.message, "retryable": self.retryable},
+        }
+
+
+ProviderEvent = Union[Queued, Token, Reasoning, Finish]
+StreamEvent = Union[Start, Queued, Token, Reasoning, Done, Error]
+TERMINAL_TYPES = frozenset({"done", "error"})
+
+
+def encode_event(seq: int, event: StreamEvent) -> bytes:
+    """One SSE event: ``id: <seq>``, one ``data:`` line of compact JSON, a blank line.
+
+    Compact JSON never contains a raw newline (``json`` escapes control
+    characters), so one ``data:`` line is always enough.
+    """
+    return b"id: %d\ndata: %s\n\n" % (seq, _dumps(event.to_dict()).encode())
+
+
+def encode_token_event(seq: int, text: str) -> bytes:
+    """The hot path's shortcut for ``encode_event(seq, Token(text))``."""
+    return b'id: %d\ndata: {"type":"token","text":%s}\n\n' % (seq, _dumps(text).encode())

@@ -1,0 +1,298 @@
+"""The relay: runs each generation as a task it owns, from provider to log.
+
+Starlette never closes a body iterator (FIELD-GUIDE: "Own the generation in a
+task you cancel yourself"), so the generation is not the response's iterator.
+:meth:`Relay.start` creates a stream, writes its events into the store's log from
+a task of its own and returns at once; responses (:mod:`tokenwire._response`)
+tail the log.  Cancelling the task (client gone, ``DELETE``, deadline, shutdown)
+throws ``CancelledError`` into the provider's await, which closes the upstream
+socket or stops the local model, and the log ends with ``done``/``cancelled``.
+
+Every stream's log ends with exactly one terminal event, whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._events import (
+    Done,
+    Error,
+    Finish,
+    Start,
+    StreamEvent,
+    Token,
+    Usage,
+    encode_event,
+    encode_token_event,
+)
+from ._exceptions import ProviderError
+from .providers.base import GenerationRequest, Provider
+from .stores.base import StreamMeta, StreamStore
+from .stores.memory import MemoryStore
+
+logger = logging.getLogger("tokenwire")
+
+
+@dataclass(slots=True)
+class RelayOptions:
+    heartbeat: float = 15.0  # seconds of silence before a ": keepalive" comment
+    max_duration: float = 600.0  # total deadline of one generation
+    resume_grace: float = 30.0  # how long a resumable stream outlives its last reader
+    send_timeout: float = 30.0  # a client that takes longer to accept one write is dropped
+    retry_ms: int = 1000  # the "retry:" sent first, for reconnecting clients
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+@dataclass(slots=True)
+class _Generation:
+    """What this process knows of a stream it runs."""
+
+    meta: StreamMeta
+    task: asyncio.Task[None] | None = None
+    # A task cancelled before its first step never runs its body (no finally,
+    # so no terminal event): until it runs, a cancel is a flag it checks.
+    running: bool = False
+    cancel_requested: bool = False
+    readers: int = 0
+    grace_timer: asyncio.TimerHandle | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+def new_stream_id() -> str:
+    """128 random bits: unguessable, URL-safe."""
+    return "str_" + secrets.token_urlsafe(16)
+
+
+def fingerprint_of(body: Any) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Relay:
+    """Owns the provider, the store and every running generation."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        *,
+        store: StreamStore | None = None,
+        options: RelayOptions | None = None,
+    ) -> None:
+        self.provider = provider
+        self.store = store or MemoryStore()
+        self.options = options or RelayOptions()
+        self._running: dict[str, _Generation] = {}
+        self._started = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def startup(self) -> None:
+        if self._started:
+            return
+        await self.store.startup()
+        await self.store.subscribe_cancel(self._on_cancel_published)
+        await self.provider.startup()
+        self._started = True
+
+    async def aclose(self) -> None:
+        """Cancel every generation, wait for their logs to end, release all."""
+        tasks = [g.task for g in self._running.values() if g.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.provider.aclose()
+        await self.store.aclose()
+        self._started = False
+
+    async def __aenter__(self) -> Relay:
+        await self.startup()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._running)
+
+    # -- streams -----------------------------------------------------------
+
+    async def start(
+        self,
+        request: GenerationRequest,
+        *,
+        principal: str = "",
+        resumable: bool = False,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
+    ) -> tuple[StreamMeta, bool]:
+        """Start a generation, or find the one this idempotency key started.
+
+        Returns ``(meta, created)``.  Raises :class:`IdempotencyConflict`.
+        """
+        meta = StreamMeta(
+            stream_id=new_stream_id(),
+            principal=principal,
+            model=self.provider.model_for(request),
+            resumable=resumable,
+        )
+        if idempotency_key is not None:
+            fingerprint = fingerprint or fingerprint_of(request)
+            scope = f"{principal}\x00{idempotency_key}"
+            existing = await self.store.claim_idempotency_key(scope, fingerprint, meta.stream_id)
+            if existing is not None:
+                stream_id, bound_fingerprint = existing
+                if bound_fingerprint != fingerprint:
+                    raise IdempotencyConflict(idempotency_key)
+                found = await self.store.get_meta(stream_id)
+                if found is not None:
+                    return found, False
+        await self.store.create(meta)
+        generation = _Generation(meta)
+        self._running[meta.stream_id] = generation
+        generation.task = asyncio.create_task(
+            self._run(generation, request), name=f"tokenwire-generation-{meta.stream_id}"
+        )
+        return meta, True
+
+    async def get(self, stream_id: str, principal: str = "") -> StreamMeta | None:
+        """The stream, if it exists, has not expired, and belongs to ``principal``."""
+        meta = await self.store.get_meta(stream_id)
+        if meta is None or not secrets.compare_digest(meta.principal, principal):
+            return None
+        return meta
+
+    async def cancel(self, stream_id: str) -> None:
+        """Cancel wherever the generation runs: here at once, elsewhere via the store."""
+        if not self._cancel_local(stream_id, "cancelled by request"):
+            await self.store.publish_cancel(stream_id)
+
+    def attach(self, stream_id: str) -> None:
+        """A response started reading this stream."""
+        generation = self._running.get(stream_id)
+        if generation is None:
+            return
+        generation.readers += 1
+        if generation.grace_timer is not None:
+            generation.grace_timer.cancel()
+            generation.grace_timer = None
+
+    def detach(self, stream_id: str, *, client_gone: bool) -> None:
+        """A response stopped reading; cancel the generation if nobody will come back."""
+        generation = self._running.get(stream_id)
+        if generation is None:
+            return
+        generation.readers -= 1
+        if not client_gone or generation.readers > 0:
+            return
+        if not generation.meta.resumable:
+            self._cancel_local(stream_id, "client disconnected")
+        elif generation.grace_timer is None:
+            generation.grace_timer = asyncio.get_running_loop().call_later(
+                self.options.resume_grace,
+                self._cancel_local,
+                stream_id,
+                "no client came back within the resume grace period",
+            )
+
+    def _cancel_local(self, stream_id: str, reason: str) -> bool:
+        generation = self._running.get(stream_id)
+        if generation is None or generation.task is None:
+            return False
+        if not generation.running:
+            generation.cancel_requested = True
+        elif not generation.task.done():
+            logger.debug("cancelling %s: %s", stream_id, reason)
+            generation.task.cancel(reason)
+        return True
+
+    async def _on_cancel_published(self, stream_id: str) -> None:
+        self._cancel_local(stream_id, "cancelled by request on another replica")
+
+    # -- the generation task ----------------------------------------------
+
+    async def _run(self, generation: _Generation, request: GenerationRequest) -> None:
+        generation.running = True
+        meta = generation.meta
+        store = self.store
+        stream_id = meta.stream_id
+        seq = 0
+        completion_tokens = 0
+        terminal: StreamEvent | None = None
+
+        async def emit(event: StreamEvent) -> None:
+            nonlocal seq
+            seq += 1
+            await store.append(stream_id, seq, encode_event(seq, event), terminal=event.type in ("done", "error"))
+
+        try:
+            await emit(Start(stream_id, meta.model))
+            if generation.cancel_requested:
+                raise asyncio.CancelledError
+            stream = self.provider.stream(request)
+            deadline = asyncio.timeout(self.options.max_duration)
+            try:
+                async with deadline:
+                    async for event in stream:
+                        if type(event) is Token:
+                            completion_tokens += 1
+                            seq += 1
+                            await store.append(stream_id, seq, encode_token_event(seq, event.text))
+                        elif type(event) is Finish:
+                            usage = event.usage or Usage(completion_tokens)
+                            terminal = Done(event.finish_reason, usage)
+                            break
+                        else:
+                            await emit(event)  # type: ignore[arg-type]
+                if terminal is None:
+                    terminal = Error("upstream_error", "the model ended the stream without finishing it", True)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                terminal = Done("timeout", Usage(completion_tokens))
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                task.uncancel()
+            terminal = Done("cancelled", Usage(completion_tokens))
+        except ProviderError as exc:
+            terminal = Error(exc.error_type, exc.message, exc.retryable)  # type: ignore[arg-type]
+        except Exception:
+            logger.exception("generation %s failed", stream_id)
+            terminal = Error("internal_error", "the generation failed inside tokenwire; see the server log")
+        finally:
+            self._running.pop(stream_id, None)
+            if generation.grace_timer is not None:
+                generation.grace_timer.cancel()
+            if terminal is None:
+                terminal = Done("cancelled", Usage(completion_tokens))
+            await emit(terminal)
+            self._log_stream(meta, terminal, completion_tokens, generation)
+
+    def _log_stream(
+        self, meta: StreamMeta, terminal: StreamEvent, tokens: int, generation: _Generation
+    ) -> None:
+        elapsed = time.monotonic() - generation.started
+        outcome = terminal.finish_reason if isinstance(terminal, Done) else terminal.error_type  # type: ignore[union-attr]
+        logger.info(
+            "stream %s model=%s outcome=%s completion_tokens=%d duration_ms=%.0f",
+            meta.stream_id,
+            meta.model,
+            outcome,
+            tokens,
+            elapsed * 1000,
+        )

@@ -1,0 +1,97 @@
+"""Where streams live: the per-stream event log, idempotency keys, cancel signals.
+
+A store holds, for each stream, its metadata and a bounded log of encoded SSE
+events (``seq`` -> bytes) that responses tail.  The relay writes, responses read;
+with a shared store (Redis) the reader may be another replica than the writer.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+
+class StreamNotFound(LookupError):
+    """No such stream, or it expired."""
+
+
+class LogTrimmed(LookupError):
+    """The events asked for are older than what the bounded log still holds."""
+
+    def __init__(self, first_available: int) -> None:
+        super().__init__(f"events before seq {first_available} are no longer kept")
+        self.first_available = first_available
+
+
+@dataclass(frozen=True, slots=True)
+class StreamMeta:
+    stream_id: str
+    principal: str
+    model: str
+    resumable: bool
+
+
+@dataclass(slots=True)
+class LogLimits:
+    max_events: int = 100_000
+    max_bytes: int = 16 * 1024 * 1024
+    ttl: float = 600.0  # seconds a finished stream stays resumable
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    entries: list[bytes]  # encoded events, consecutive, starting after the cursor
+    next_seq: int  # the seq of the last entry (the cursor to pass next time)
+    ended: bool  # the terminal event is among what has been read
+
+
+CancelCallback = Callable[[str], Awaitable[None] | None]
+
+
+class StreamStore(abc.ABC):
+    """The interface every store implements; one contract test suite covers them all."""
+
+    limits: LogLimits
+
+    @abc.abstractmethod
+    async def create(self, meta: StreamMeta) -> None: ...
+
+    @abc.abstractmethod
+    async def get_meta(self, stream_id: str) -> StreamMeta | None: ...
+
+    @abc.abstractmethod
+    async def append(self, stream_id: str, seq: int, data: bytes, *, terminal: bool = False) -> None:
+        """Add the event numbered ``seq`` (1, 2, 3 … without gaps)."""
+
+    @abc.abstractmethod
+    async def read(self, stream_id: str, after: int, *, timeout: float) -> ReadResult:
+        """Events with seq > ``after``; waits up to ``timeout`` s for the first one.
+
+        Returns an empty result on timeout.  Raises :class:`StreamNotFound` or
+        :class:`LogTrimmed`.
+        """
+
+    @abc.abstractmethod
+    async def claim_idempotency_key(
+        self, scope: str, fingerprint: str, stream_id: str
+    ) -> tuple[str, str] | None:
+        """Atomically bind ``scope`` to ``stream_id`` unless already bound.
+
+        Returns ``None`` when the claim succeeded, else the ``(stream_id,
+        fingerprint)`` already bound.
+        """
+
+    @abc.abstractmethod
+    async def publish_cancel(self, stream_id: str) -> None:
+        """Ask whichever replica runs ``stream_id`` to cancel it."""
+
+    @abc.abstractmethod
+    async def subscribe_cancel(self, callback: CancelCallback) -> None:
+        """Call ``callback(stream_id)`` for every cancel published from now on."""
+
+    async def startup(self) -> None:
+        """Connect, start background work."""
+
+    async def aclose(self) -> None:
+        """Disconnect, stop background work."""

@@ -1,0 +1,165 @@
+"""The default store: everything in this process's memory."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+
+from .base import (
+    CancelCallback,
+    LogLimits,
+    LogTrimmed,
+    ReadResult,
+    StreamMeta,
+    StreamNotFound,
+    StreamStore,
+)
+
+
+class _Log:
+    __slots__ = ("meta", "entries", "first_seq", "nbytes", "ended", "expires", "changed")
+
+    def __init__(self, meta: StreamMeta) -> None:
+        self.meta = meta
+        self.entries: list[bytes] = []
+        self.first_seq = 1  # seq of entries[0]
+        self.nbytes = 0
+        self.ended = False
+        self.expires = float("inf")
+        # Replaced by a fresh Event on every append: readers wait on the one
+        # they saw, so no wake-up is lost and none is spurious.
+        self.changed = asyncio.Event()
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.entries) - 1
+
+
+class MemoryStore(StreamStore):
+    def __init__(self, limits: LogLimits | None = None) -> None:
+        self.limits = limits or LogLimits()
+        self._logs: dict[str, _Log] = {}
+        self._keys: dict[str, tuple[str, str]] = {}
+        self._key_of_stream: dict[str, str] = {}
+        self._cancel_callbacks: list[CancelCallback] = []
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def startup(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_forever(), name="tokenwire-memory-reaper")
+
+    async def aclose(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            try:
+                await self._reaper
+            except asyncio.CancelledError:
+                pass
+            self._reaper = None
+
+    async def create(self, meta: StreamMeta) -> None:
+        self._logs[meta.stream_id] = _Log(meta)
+
+    async def get_meta(self, stream_id: str) -> StreamMeta | None:
+        log = self._live_log(stream_id)
+        return log.meta if log else None
+
+    async def append(self, stream_id: str, seq: int, data: bytes, *, terminal: bool = False) -> None:
+        log = self._logs[stream_id]
+        assert seq == log.last_seq + 1, f"seq {seq} after {log.last_seq}"
+        log.entries.append(data)
+        log.nbytes += len(data)
+        limits = self.limits
+        if len(log.entries) > limits.max_events or log.nbytes > limits.max_bytes:
+            self._trim(log)
+        if terminal:
+            log.ended = True
+            log.expires = time.monotonic() + limits.ttl
+        changed, log.changed = log.changed, asyncio.Event()
+        changed.set()
+
+    def _trim(self, log: _Log) -> None:
+        limits = self.limits
+        drop = 0
+        nbytes = log.nbytes
+        while len(log.entries) - drop > limits.max_events or nbytes > limits.max_bytes:
+            if len(log.entries) - drop <= 1:
+                break
+            nbytes -= len(log.entries[drop])
+            drop += 1
+        del log.entries[:drop]
+        log.first_seq += drop
+        log.nbytes = nbytes
+
+    def read_nowait(self, stream_id: str, after: int) -> ReadResult:
+        log = self._live_log(stream_id)
+        if log is None:
+            raise StreamNotFound(stream_id)
+        return self._slice(log, after)
+
+    async def read(self, stream_id: str, after: int, *, timeout: float) -> ReadResult:
+        log = self._live_log(stream_id)
+        if log is None:
+            raise StreamNotFound(stream_id)
+        if after >= log.last_seq and not log.ended:
+            changed = log.changed
+            try:
+                async with asyncio.timeout(timeout):
+                    await changed.wait()
+            except TimeoutError:
+                return ReadResult([], after, False)
+        return self._slice(log, after)
+
+    @staticmethod
+    def _slice(log: _Log, after: int) -> ReadResult:
+        if after + 1 < log.first_seq:
+            raise LogTrimmed(log.first_seq)
+        start = after + 1 - log.first_seq
+        entries = log.entries[start:] if start else list(log.entries)
+        return ReadResult(entries, after + len(entries), log.ended)
+
+    async def claim_idempotency_key(
+        self, scope: str, fingerprint: str, stream_id: str
+    ) -> tuple[str, str] | None:
+        existing = self._keys.get(scope)
+        if existing is not None and self._live_log(existing[0]) is not None:
+            return existing
+        self._keys[scope] = (stream_id, fingerprint)
+        self._key_of_stream[stream_id] = scope
+        return None
+
+    async def publish_cancel(self, stream_id: str) -> None:
+        for callback in list(self._cancel_callbacks):
+            result = callback(stream_id)
+            if inspect.isawaitable(result):
+                await result
+
+    async def subscribe_cancel(self, callback: CancelCallback) -> None:
+        self._cancel_callbacks.append(callback)
+
+    def _live_log(self, stream_id: str) -> _Log | None:
+        log = self._logs.get(stream_id)
+        if log is not None and log.expires <= time.monotonic():
+            self._drop(stream_id)
+            return None
+        return log
+
+    def _drop(self, stream_id: str) -> None:
+        self._logs.pop(stream_id, None)
+        scope = self._key_of_stream.pop(stream_id, None)
+        if scope is not None:
+            self._keys.pop(scope, None)
+
+    def reap(self) -> None:
+        now = time.monotonic()
+        for stream_id in [sid for sid, log in self._logs.items() if log.expires <= now]:
+            self._drop(stream_id)
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, min(self.limits.ttl, 60.0)))
+            self.reap()
+
+    def __len__(self) -> int:
+        return len(self._logs)
