@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -157,14 +156,6 @@ def create_app(
             headers={"cache-control": "no-cache"},
         )
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await relay.startup()
-        try:
-            yield
-        finally:
-            await relay.aclose()
-
     app = Starlette(
         routes=[
             Route("/", index, methods=["GET"]),
@@ -174,7 +165,8 @@ def create_app(
             Route("/api/stream/{stream_id}", get_stream, methods=["GET"]),
             Route("/api/stream/{stream_id}", delete_stream, methods=["DELETE"]),
         ],
-        lifespan=lifespan,
+        lifespan=relay.lifespan,
+        exception_handlers={HTTPException: _http_error, 500: _internal_error},
     )
     app.state.relay = relay
     app.state.settings = settings
@@ -183,3 +175,18 @@ def create_app(
 
 def _not_found() -> RequestError:
     return RequestError(404, "not_found", "no such stream: it never existed, expired, or is not yours", "stream_id")
+
+
+_HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request")
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return JSONResponse({"error": {"type": error_type, "message": message}}, exc.status_code, exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # The traceback goes to the server log (uvicorn logs it), never to the client.
+    return JSONResponse({"error": {"type": "internal_error", "message": "internal server error"}}, 500)

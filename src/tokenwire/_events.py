@@ -15,7 +15,16 @@ from typing import Any, Literal, Union
 FinishReason = Literal["stop", "length", "cancelled", "timeout"]
 ErrorType = Literal["upstream_error", "upstream_timeout", "internal_error"]
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _dumps(value: Any) -> bytes:
+    text = _encoder(value)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate from a broken upstream: U+FFFD, as a decoder would.
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace").encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +121,9 @@ def encode_event(seq: int, event: StreamEvent) -> bytes:
     Compact JSON never contains a raw newline (``json`` escapes control
     characters), so one ``data:`` line is always enough.
     """
-    return b"id: %d\ndata: %s\n\n" % (seq, _dumps(event.to_dict()).encode())
+    return b"id: %d\ndata: %s\n\n" % (seq, _dumps(event.to_dict()))
 
 
 def encode_token_event(seq: int, text: str) -> bytes:
     """The hot path's shortcut for ``encode_event(seq, Token(text))``."""
-    return b'id: %d\ndata: {"type":"token","text":%s}\n\n' % (seq, _dumps(text).encode())
+    return b'id: %d\ndata: {"type":"token","text":%s}\n\n' % (seq, _dumps(text))

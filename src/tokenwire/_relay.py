@@ -14,13 +14,15 @@ Every stream's log ends with exactly one terminal event, whatever happens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._events import (
     Done,
@@ -37,6 +39,9 @@ from ._exceptions import ProviderError
 from .providers.base import GenerationRequest, Provider
 from .stores.base import StreamMeta, StreamStore
 from .stores.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from ._response import EventStreamResponse
 
 logger = logging.getLogger("tokenwire")
 
@@ -116,6 +121,15 @@ class Relay:
         await self.store.aclose()
         self._started = False
 
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """For ``Starlette(lifespan=relay.lifespan)`` / ``FastAPI(lifespan=...)``."""
+        await self.startup()
+        try:
+            yield
+        finally:
+            await self.aclose()
+
     async def __aenter__(self) -> Relay:
         await self.startup()
         return self
@@ -166,6 +180,13 @@ class Relay:
             self._run(generation, request), name=f"tokenwire-generation-{meta.stream_id}"
         )
         return meta, True
+
+    async def respond(self, request: GenerationRequest, **options: Any) -> EventStreamResponse:
+        """Start a generation and return the streaming response for it, for your own routes."""
+        from ._response import EventStreamResponse
+
+        meta, _created = await self.start(request, **options)
+        return EventStreamResponse(self, meta)
 
     async def get(self, stream_id: str, principal: str = "") -> StreamMeta | None:
         """The stream, if it exists, has not expired, and belongs to ``principal``."""

@@ -151,6 +151,11 @@ class EventDecoder:
         # "Otherwise: The field is ignored."
         return None
 
+    def reset_event(self) -> None:
+        """Discard a half-received event (the connection ended inside it)."""
+        self._data = []
+        self._event = ""
+
     def _dispatch(self) -> ServerSentEvent | None:
         # "If the data buffer is an empty string, set the data buffer and the
         # event type buffer to the empty string and return."
@@ -188,8 +193,15 @@ class SSEDecoder:
         return self._feed(self._lines.decode(self._text.decode(chunk)))
 
     def flush(self) -> list[ServerSentEvent]:
+        """End of the stream: what completes now; the unterminated tail is discarded.
+
+        Afterwards the decoder is ready for a new connection, keeping only the
+        last event id and the reconnection time, as an EventSource does.
+        """
         events = self._feed(self._lines.decode(self._text.flush()))
-        self._lines.flush()  # the unterminated tail is discarded, and so is its event
+        self._text = TextDecoder()
+        self._lines = LineDecoder()
+        self._events.reset_event()
         return events
 
     def _feed(self, lines: list[str]) -> list[ServerSentEvent]:
