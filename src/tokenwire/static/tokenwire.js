@@ -1,0 +1,496 @@
+// tokenwire browser client: POST a generation, read its Server-Sent Events over fetch.
+//
+//   import { streamTokens, parseSSE, SSEParser, TokenwireError } from "/tokenwire.js";
+//   for await (const ev of streamTokens("/api/stream", { body, headers, signal, resume: true })) { ... }
+//
+// The SSE parser follows the HTML standard, "9.2.6 Interpreting an event stream", exactly like
+// src/tokenwire/_sse.py; both are tested against tests/fixtures/sse/cases.json. One deliberate
+// addition, shared with the Python decoder: every event carries `retry`, the reconnection time of
+// the last valid `retry` field seen so far (null if none), because a `retry` field alone in a block
+// dispatches nothing and a fetch-based client still needs it.
+//
+// An ES module with no build step and no dependencies; types are JSDoc.
+
+/**
+ * One dispatched Server-Sent Event.
+ * @typedef {object} ServerSentEvent
+ * @property {string} event  the event type, "message" unless an `event` field said otherwise
+ * @property {string} data   the data lines joined with "\n"
+ * @property {string} id     the last event ID at dispatch time ("" if none); it persists across events
+ * @property {number|null} retry  the last valid `retry` value seen so far, or null
+ */
+
+/**
+ * One event of a tokenwire stream (see PROTOCOL.md, "The event stream").
+ * @typedef {{type: "start", stream_id: string, model: string}
+ *   | {type: "queued", position: number}
+ *   | {type: "token", text: string}
+ *   | {type: "reasoning", text: string}
+ *   | {type: "done", finish_reason: "stop"|"length"|"cancelled"|"timeout",
+ *      usage: {prompt_tokens: number|null, completion_tokens: number}}
+ *   | {type: "error", error: {type: string, message: string, retryable: boolean}}} StreamEvent
+ */
+
+const LF = 10;
+const CR = 13;
+const BOM = 0xfeff;
+const DIGITS = /^[0-9]+$/;
+
+/**
+ * Incremental, synchronous SSE parser over text: `feed()` chunks of any size, get the events they
+ * complete. Lines end at CRLF, LF or CR (a CR ending one chunk and an LF starting the next are one
+ * line end); U+2028 and U+0085 are not line ends. One leading U+FEFF is stripped, so feed it text
+ * decoded with the BOM kept (`new TextDecoder("utf-8", {ignoreBOM: true})`).
+ */
+export class SSEParser {
+  /** @type {string[]} pieces of the current, unterminated line */
+  #partial = [];
+  #atStart = true;
+  #skipLF = false;
+  /** @type {string[]} */
+  #data = [];
+  #event = "";
+  #lastEventId = "";
+  /** @type {number|null} */
+  #retry = null;
+  /** @type {((ms: number) => void) | undefined} */
+  #onRetry;
+
+  /**
+   * @param {{onRetry?: (ms: number) => void}} [options]
+   *   onRetry: called with the new reconnection time whenever a valid `retry` field is read.
+   */
+  constructor({ onRetry } = {}) {
+    this.#onRetry = onRetry;
+  }
+
+  /** The last event ID buffer ("" if none). @returns {string} */
+  get lastEventId() {
+    return this.#lastEventId;
+  }
+
+  /** The last valid `retry` value, or null. @returns {number|null} */
+  get retry() {
+    return this.#retry;
+  }
+
+  /**
+   * Parses the next piece of the stream.
+   * @param {string} text
+   * @returns {ServerSentEvent[]} the events this text completed
+   */
+  feed(text) {
+    /** @type {ServerSentEvent[]} */
+    const events = [];
+    if (!text) return events;
+    let pos = 0;
+    if (this.#atStart) {
+      this.#atStart = false;
+      // "One leading U+FEFF BYTE ORDER MARK character must be ignored if any are present."
+      if (text.charCodeAt(0) === BOM) pos = 1;
+    }
+    if (this.#skipLF) {
+      this.#skipLF = false;
+      if (text.charCodeAt(pos) === LF) pos += 1;
+    }
+    const n = text.length;
+    // Next CR and next LF at or after pos; each is searched again only once passed, so the whole
+    // chunk is scanned once whatever the mix of line endings.
+    let cr = -2;
+    let lf = -2;
+    while (pos < n) {
+      if (cr !== -1 && cr < pos) cr = text.indexOf("\r", pos);
+      if (lf !== -1 && lf < pos) lf = text.indexOf("\n", pos);
+      let end = cr === -1 ? lf : lf === -1 ? cr : Math.min(cr, lf);
+      if (end === -1) {
+        this.#partial.push(text.slice(pos));
+        break;
+      }
+      let line = text.slice(pos, end);
+      if (this.#partial.length) {
+        this.#partial.push(line);
+        line = this.#partial.join("");
+        this.#partial = [];
+      }
+      if (end === cr) {
+        // "end-of-line = ( cr lf / cr / lf )"
+        if (end + 1 === n) this.#skipLF = true;
+        else if (text.charCodeAt(end + 1) === LF) end += 1;
+      }
+      pos = end + 1;
+      this.#processLine(line, events);
+    }
+    return events;
+  }
+
+  /**
+   * Ends the stream: "any pending data must be discarded" (an unterminated last event is not
+   * dispatched). The last event ID and retry persist.
+   * @returns {ServerSentEvent[]} always empty; returned for symmetry with feed()
+   */
+  end() {
+    this.#partial = [];
+    this.#skipLF = false;
+    this.#data = [];
+    this.#event = "";
+    return [];
+  }
+
+  /**
+   * @param {string} line
+   * @param {ServerSentEvent[]} events
+   */
+  #processLine(line, events) {
+    if (line.length === 0) {
+      this.#dispatch(events);
+      return;
+    }
+    const colon = line.indexOf(":");
+    if (colon === 0) return; // "If the line starts with a U+003A COLON character (:) Ignore the line."
+    let name = line;
+    let value = "";
+    if (colon > 0) {
+      name = line.slice(0, colon);
+      // "If value starts with a U+0020 SPACE character, remove it from value."
+      value = line.slice(line.charCodeAt(colon + 1) === 32 ? colon + 2 : colon + 1);
+    }
+    switch (name) {
+      case "data":
+        this.#data.push(value);
+        break;
+      case "event":
+        this.#event = value;
+        break;
+      case "id":
+        // "If the field value does not contain U+0000 NULL, then set the last event ID buffer"
+        if (!value.includes("\0")) this.#lastEventId = value;
+        break;
+      case "retry":
+        // "If the field value consists of only ASCII digits ... Otherwise, ignore the field."
+        if (DIGITS.test(value)) {
+          this.#retry = parseInt(value, 10);
+          this.#onRetry?.(this.#retry);
+        }
+        break;
+      default:
+      // "Otherwise: The field is ignored."
+    }
+  }
+
+  /** @param {ServerSentEvent[]} events */
+  #dispatch(events) {
+    // "If the data buffer is an empty string, set the data buffer and the event type buffer to
+    // the empty string and return." (A `data` field with an empty value still dispatches "".)
+    if (this.#data.length === 0) {
+      this.#event = "";
+      return;
+    }
+    events.push({
+      event: this.#event || "message",
+      data: this.#data.join("\n"),
+      id: this.#lastEventId,
+      retry: this.#retry,
+    });
+    this.#data = [];
+    this.#event = "";
+  }
+}
+
+/**
+ * Reads Server-Sent Events from a byte stream such as a fetch `response.body`.
+ *
+ * Decodes UTF-8 incrementally (a character split across chunks waits for its end, invalid bytes
+ * become U+FFFD). Ending the iteration early (break, return, an exception in the loop body)
+ * cancels the stream, which closes the connection.
+ *
+ * @param {ReadableStream<Uint8Array>} body
+ * @param {{onRetry?: (ms: number) => void}} [options]
+ * @returns {AsyncGenerator<ServerSentEvent, void, undefined>}
+ */
+export async function* parseSSE(body, { onRetry } = {}) {
+  const reader = body.getReader();
+  // ignoreBOM keeps a leading BOM in the text so that SSEParser strips exactly one, as the
+  // spec says, in one place for both entry points.
+  const decoder = new TextDecoder("utf-8", { ignoreBOM: true });
+  const parser = new SSEParser({ onRetry });
+  let finished = false;
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) {
+        finished = true;
+        yield* parser.feed(decoder.decode());
+        parser.end();
+        return;
+      }
+      yield* parser.feed(decoder.decode(value, { stream: true }));
+    }
+  } finally {
+    if (!finished) {
+      // Not awaited: a stream that is already errored (an abort) rejects, and an early exit must
+      // not wait for the peer.
+      reader.cancel().catch(() => {});
+    }
+    try {
+      reader.releaseLock();
+    } catch {
+      // already released
+    }
+  }
+}
+
+/**
+ * What went wrong with a stream, before or while it ran.
+ *
+ * `type` is the server's `error.type` for a JSON error answer (`invalid_request`, `unauthorized`,
+ * `rate_limited`, ...), or one of the client's own: `http_error` (a non-2xx answer without a JSON
+ * error), `unexpected_content_type`, `network_error` (the request failed), `stream_cut` (the
+ * stream ended without its `done` or `error` event), `invalid_event` (data that is not JSON).
+ * An `error` *event* in the stream is not thrown: it is yielded as the stream's last event.
+ */
+export class TokenwireError extends Error {
+  /**
+   * @param {string} message
+   * @param {{type: string, status?: number, error?: {type?: string, message?: string, param?: string},
+   *          retryAfter?: number, cause?: unknown}} details
+   */
+  constructor(message, { type, status, error, retryAfter, cause }) {
+    super(message, cause === undefined ? undefined : { cause });
+    this.name = "TokenwireError";
+    /** @type {string} */
+    this.type = type;
+    /** @type {number|undefined} the HTTP status, when there was an answer */
+    this.status = status;
+    /** @type {{type?: string, message?: string, param?: string}|undefined} the server's JSON `error` */
+    this.error = error;
+    /** @type {number|undefined} seconds, from a `Retry-After` header */
+    this.retryAfter = retryAfter;
+  }
+}
+
+const TERMINAL_TYPES = new Set(["done", "error"]);
+const MAX_RESUME_ATTEMPTS = 5;
+const DEFAULT_RETRY_MS = 1000;
+
+/** @type {typeof fetch} */
+const defaultFetch = (input, init) => globalThis.fetch(input, init);
+
+/**
+ * @typedef {object} StreamOptions
+ * @property {unknown} [body]  the request, sent as JSON (see PROTOCOL.md, POST /api/stream)
+ * @property {HeadersInit} [headers]  extra headers, e.g. `{authorization: "Bearer ..."}`
+ * @property {AbortSignal} [signal]  aborting ends the iteration cleanly (no exception)
+ * @property {typeof fetch} [fetch]  a fetch implementation (default: the global one)
+ * @property {boolean} [resume]  reconnect after a network error or a cut stream with GET
+ *   `${url}/${stream_id}` and `Last-Event-ID` (never a second POST), and DELETE the stream when
+ *   the caller aborts or stops early. Start the stream with `body.resumable: true` so that the
+ *   server keeps generating while the client is away.
+ */
+
+/**
+ * Starts a generation and yields its events (`start`, `queued`, `token`, `reasoning`, and last
+ * `done` or `error`) as they arrive.
+ *
+ * Throws a {@link TokenwireError} on a non-2xx answer, a wrong content type, or a stream that ends
+ * without its `done` / `error` event (`type: "stream_cut"`, after the reconnection attempts when
+ * `resume` is set). Ends without an exception when `signal` aborts.
+ *
+ * @param {string} url  the stream endpoint, e.g. "/api/stream"
+ * @param {StreamOptions} [options]
+ * @returns {AsyncGenerator<StreamEvent, void, undefined>}
+ */
+export async function* streamTokens(url, options = {}) {
+  const { body, headers, signal, fetch: fetchImpl = defaultFetch, resume = false } = options;
+  const state = {
+    /** @type {string|null} */ streamId: null,
+    lastSeq: 0,
+    /** @type {number|null} */ retryMs: null,
+    finished: false,
+  };
+  const onRetry = (/** @type {number} */ ms) => {
+    state.retryMs = ms;
+  };
+  const base = String(url).replace(/\/+$/, "");
+
+  try {
+    if (signal?.aborted) return;
+    const postHeaders = new Headers(headers);
+    postHeaders.set("content-type", "application/json");
+    postHeaders.set("accept", "text/event-stream");
+    let response;
+    try {
+      response = await fetchImpl(url, {
+        method: "POST",
+        headers: postHeaders,
+        body: JSON.stringify(body ?? {}),
+        signal,
+      });
+    } catch (err) {
+      if (signal?.aborted) return;
+      throw new TokenwireError(`request failed: ${errorMessage(err)}`, { type: "network_error", cause: err });
+    }
+    if (!(await checkResponse(response, signal))) return;
+    let resumeAttempts = 0;
+
+    for (;;) {
+      state.streamId ??= response.headers.get("x-stream-id");
+      /** @type {TokenwireError} */
+      let cut;
+      try {
+        for await (const sse of parseSSE(/** @type {ReadableStream<Uint8Array>} */ (response.body), { onRetry })) {
+          // Ids are sequence numbers: after a reconnect, skip anything already seen.
+          const seq = /^[0-9]+$/.test(sse.id) ? Number(sse.id) : null;
+          if (seq !== null) {
+            if (seq <= state.lastSeq) continue;
+            state.lastSeq = seq;
+          }
+          const event = parseEvent(sse.data);
+          if (event.type === "start" && typeof event.stream_id === "string") state.streamId = event.stream_id;
+          if (TERMINAL_TYPES.has(event.type)) state.finished = true;
+          resumeAttempts = 0;
+          yield /** @type {StreamEvent} */ (event);
+          if (state.finished || signal?.aborted) return;
+        }
+        cut = new TokenwireError("the stream ended without a done or error event", { type: "stream_cut" });
+      } catch (err) {
+        if (signal?.aborted) return;
+        if (err instanceof TokenwireError) throw err;
+        cut = new TokenwireError(`the stream was cut: ${errorMessage(err)}`, { type: "stream_cut", cause: err });
+      }
+      if (!resume || !state.streamId) throw cut;
+
+      // Extension point: reconnection. GET the stream's log after the last event seen.
+      let delay = state.retryMs ?? DEFAULT_RETRY_MS;
+      let next = null;
+      while (next === null) {
+        if (resumeAttempts >= MAX_RESUME_ATTEMPTS) throw cut;
+        resumeAttempts += 1;
+        if (!(await sleep(delay, signal))) return;
+        delay *= 2;
+        const getHeaders = new Headers(headers);
+        getHeaders.set("accept", "text/event-stream");
+        if (state.lastSeq > 0) getHeaders.set("last-event-id", String(state.lastSeq));
+        let answer;
+        try {
+          answer = await fetchImpl(`${base}/${encodeURIComponent(state.streamId)}`, {
+            method: "GET",
+            headers: getHeaders,
+            signal,
+          });
+        } catch (err) {
+          if (signal?.aborted) return;
+          cut = new TokenwireError(`reconnecting failed: ${errorMessage(err)}`, { type: "stream_cut", cause: err });
+          continue;
+        }
+        if (answer.status === 429 || answer.status >= 500) {
+          answer.body?.cancel().catch(() => {});
+          cut = new TokenwireError(`reconnecting failed: HTTP ${answer.status}`, { type: "stream_cut", status: answer.status });
+          continue;
+        }
+        if (!(await checkResponse(answer, signal))) return;
+        next = answer;
+      }
+      response = next;
+    }
+  } finally {
+    // With resume the server keeps generating for a while after a disconnect: tell it to stop
+    // when the caller aborted, broke out of the loop, or the stream failed for good.
+    if (resume && state.streamId && !state.finished) {
+      fetchImpl(`${base}/${encodeURIComponent(state.streamId)}`, {
+        method: "DELETE",
+        keepalive: true,
+        headers: new Headers(headers),
+      }).then(
+        (answer) => answer.body?.cancel().catch(() => {}),
+        () => {},
+      );
+    }
+  }
+}
+
+/**
+ * Throws for a non-2xx answer or a wrong content type; returns false when the signal aborted
+ * while the error body was read.
+ * @param {Response} response
+ * @param {AbortSignal|undefined} signal
+ * @returns {Promise<boolean>}
+ */
+async function checkResponse(response, signal) {
+  if (!response.ok) {
+    let text = "";
+    try {
+      text = await response.text();
+    } catch {
+      if (signal?.aborted) return false;
+    }
+    /** @type {any} */
+    let error;
+    try {
+      const parsed = JSON.parse(text);
+      if (parsed && typeof parsed.error === "object" && parsed.error !== null) error = parsed.error;
+    } catch {
+      // not JSON: keep the text for the message
+    }
+    const retryAfterHeader = response.headers.get("retry-after");
+    const retryAfter = retryAfterHeader && /^[0-9]+$/.test(retryAfterHeader) ? Number(retryAfterHeader) : undefined;
+    const detail = error?.message ?? (text.slice(0, 200) || response.statusText);
+    throw new TokenwireError(`HTTP ${response.status}: ${detail}`, {
+      type: typeof error?.type === "string" ? error.type : "http_error",
+      status: response.status,
+      error,
+      retryAfter,
+    });
+  }
+  const contentType = response.headers.get("content-type") ?? "";
+  if (contentType.split(";")[0].trim().toLowerCase() !== "text/event-stream" || !response.body) {
+    response.body?.cancel().catch(() => {});
+    throw new TokenwireError(`expected text/event-stream, got ${contentType || "no content type"}`, {
+      type: "unexpected_content_type",
+      status: response.status,
+    });
+  }
+  return true;
+}
+
+/**
+ * @param {string} data
+ * @returns {{type: string, [key: string]: any}}
+ */
+function parseEvent(data) {
+  let event;
+  try {
+    event = JSON.parse(data);
+  } catch (err) {
+    throw new TokenwireError(`an event is not JSON: ${data.slice(0, 100)}`, { type: "invalid_event", cause: err });
+  }
+  if (!event || typeof event !== "object" || typeof event.type !== "string") {
+    throw new TokenwireError(`an event has no type: ${data.slice(0, 100)}`, { type: "invalid_event" });
+  }
+  return event;
+}
+
+/**
+ * Waits `ms`; resolves false at once if the signal aborts.
+ * @param {number} ms
+ * @param {AbortSignal|undefined} signal
+ * @returns {Promise<boolean>}
+ */
+function sleep(ms, signal) {
+  return new Promise((resolve) => {
+    if (signal?.aborted) return resolve(false);
+    const onAbort = () => {
+      clearTimeout(timer);
+      resolve(false);
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve(true);
+    }, ms);
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+/** @param {unknown} err */
+function errorMessage(err) {
+  return err instanceof Error ? err.message : String(err);
+}
