@@ -1,0 +1,13 @@
+import tokenwire
+
+
+def test_all_is_sorted_and_complete():
+    assert tokenwire.__all__ == sorted(tokenwire.__all__)
+    public = {name for name in vars(tokenwire) if not name.startswith("_")}
+    modules = {"providers", "stores"}
+    assert public - modules == set(tokenwire.__all__)
+
+
+def test_every_export_resolves():
+    for name in tokenwire.__all__:
+        assert getattr(tokenwire, name) is not None
