@@ -98,6 +98,7 @@ class Relay:
         self.store = store or MemoryStore()
         self.options = options or RelayOptions()
         self._running: dict[str, _Generation] = {}
+        self._housekeeping: set[asyncio.Task[None]] = set()
         self._started = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -112,6 +113,8 @@ class Relay:
 
     async def aclose(self) -> None:
         """Cancel every generation, wait for their logs to end, release all."""
+        for task in list(self._housekeeping):
+            task.cancel()
         tasks = [g.task for g in self._running.values() if g.task is not None]
         for task in tasks:
             task.cancel()
@@ -221,12 +224,36 @@ class Relay:
         if not generation.meta.resumable:
             self._cancel_local(stream_id, "client disconnected")
         elif generation.grace_timer is None:
-            generation.grace_timer = asyncio.get_running_loop().call_later(
-                self.options.resume_grace,
-                self._cancel_local,
-                stream_id,
-                "no client came back within the resume grace period",
-            )
+            self._arm_grace_timer(generation)
+
+    def _arm_grace_timer(self, generation: _Generation) -> None:
+        generation.grace_timer = asyncio.get_running_loop().call_later(
+            self.options.resume_grace, self._grace_expired, generation
+        )
+
+    def _grace_expired(self, generation: _Generation) -> None:
+        # The client may have come back through another replica: ask the store.
+        async def check() -> None:
+            stream_id = generation.meta.stream_id
+            try:
+                back = await self.store.has_readers(stream_id)
+            except Exception:
+                logger.exception("cannot check the readers of %s; keeping it", stream_id)
+                back = True
+            if generation.readers > 0 or generation.task is None or generation.task.done():
+                return
+            if back:
+                self._arm_grace_timer(generation)
+            else:
+                self._cancel_local(stream_id, "no client came back within the resume grace period")
+
+        generation.grace_timer = None
+        self._background(check())
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._housekeeping.add(task)
+        task.add_done_callback(self._housekeeping.discard)
 
     def _cancel_local(self, stream_id: str, reason: str) -> bool:
         generation = self._running.get(stream_id)

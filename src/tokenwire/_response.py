@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from typing import TYPE_CHECKING
 
 from ._sse import KEEPALIVE, encode_retry
-from .stores.base import LogTrimmed, StreamNotFound
+from starlette.responses import JSONResponse
+
+from .stores.base import LogTrimmed, ReadResult, StreamNotFound
 
 if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
@@ -36,6 +39,10 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache, no-transform"),
     (b"x-accel-buffering", b"no"),
 ]
+
+
+# Seconds a resumable stream's reader counts as present without renewing.
+READER_LEASE = 15.0
 
 
 class ClientGone(Exception):
@@ -57,18 +64,26 @@ class EventStreamResponse:
         self.meta = meta
         self.after = after
         self.headers = headers or []
+        self.reader_id = secrets.token_hex(8)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        options = self.relay.options
+        relay = self.relay
         stream_id = self.meta.stream_id
+        try:
+            # Read what is already there before answering, so that an expired
+            # stream or a cursor older than the bounded log gets a JSON error.
+            backlog = await relay.store.read(stream_id, self.after, timeout=0)
+        except (LogTrimmed, StreamNotFound) as exc:
+            await _json_error(exc)(scope, receive, send)
+            return
         headers = [*SSE_HEADERS, (b"x-stream-id", stream_id.encode()), *self.headers]
-        self.relay.attach(stream_id)
+        relay.attach(stream_id)
         client_gone = True
         try:
             await self._send(send, {"type": "http.response.start", "status": 200, "headers": headers})
             # The first body bytes flush the headers through any proxy at once.
-            await self._send(send, _body(encode_retry(options.retry_ms)))
-            sender = asyncio.create_task(self._pump(send))
+            await self._send(send, _body(encode_retry(relay.options.retry_ms)))
+            sender = asyncio.create_task(self._pump(send, backlog))
             watcher = asyncio.create_task(_wait_for_disconnect(receive))
             try:
                 await asyncio.wait((sender, watcher), return_when=asyncio.FIRST_COMPLETED)
@@ -82,28 +97,50 @@ class EventStreamResponse:
         except (ClientGone, OSError):
             pass
         finally:
-            self.relay.detach(stream_id, client_gone=client_gone)
+            relay.detach(stream_id, client_gone=client_gone)
+            if self.meta.resumable:
+                await relay.store.drop_reader(stream_id, self.reader_id)
 
-    async def _pump(self, send: Send) -> None:
-        """Write the log from the cursor until its terminal event has been sent."""
+    async def _pump(self, send: Send, backlog: ReadResult) -> None:
+        """Write the log from the cursor until its terminal event has been sent.
+
+        Everything waiting in the log goes out in one write (tokens that queued
+        up while the socket was busy are coalesced).  A resumable stream's reader
+        renews its lease on the stream while it reads, so that the replica
+        running the generation knows somebody is still there.
+        """
         store = self.relay.store
-        options = self.relay.options
+        heartbeat = self.relay.options.heartbeat
         stream_id = self.meta.stream_id
-        cursor = self.after
+        lease = READER_LEASE if self.meta.resumable else 0.0
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        last_write = now
+        next_touch = now
+        result = backlog
         while True:
+            if lease and now >= next_touch:
+                await store.touch_reader(stream_id, self.reader_id, lease)
+                next_touch = now + lease / 3
+            if result.entries:
+                entries = result.entries
+                await self._send(send, _body(entries[0] if len(entries) == 1 else b"".join(entries)))
+                last_write = loop.time()
+            if result.ended:
+                return
+            if not result.entries and loop.time() - last_write >= heartbeat:
+                await self._send(send, _body(KEEPALIVE))
+                last_write = loop.time()
+            now = loop.time()
+            wait = last_write + heartbeat - now
+            if lease:
+                wait = min(wait, next_touch - now)
             try:
-                result = await store.read(stream_id, cursor, timeout=options.heartbeat)
+                result = await store.read(stream_id, result.next_seq, timeout=max(wait, 0.0))
             except (LogTrimmed, StreamNotFound) as exc:
                 await self._send(send, _body(_error_event(exc)))
                 return
-            if not result.entries:
-                await self._send(send, _body(KEEPALIVE))
-                continue
-            entries = result.entries
-            await self._send(send, _body(entries[0] if len(entries) == 1 else b"".join(entries)))
-            cursor = result.next_seq
-            if result.ended:
-                return
+            now = loop.time()
 
     async def _send(self, send: Send, message: dict) -> None:
         try:
@@ -131,3 +168,14 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _json_error(exc: Exception) -> JSONResponse:
+    if isinstance(exc, LogTrimmed):
+        message = (
+            f"the events after that cursor are no longer kept (the oldest kept is {exc.first_available}); "
+            "start a new stream"
+        )
+        return JSONResponse({"error": {"type": "gone", "message": message, "param": "Last-Event-ID"}}, 410)
+    message = "no such stream: it never existed, expired, or is not yours"
+    return JSONResponse({"error": {"type": "not_found", "message": message, "param": "stream_id"}}, 404)

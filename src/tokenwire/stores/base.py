@@ -68,7 +68,7 @@ class StreamStore(abc.ABC):
     async def read(self, stream_id: str, after: int, *, timeout: float) -> ReadResult:
         """Events with seq > ``after``; waits up to ``timeout`` s for the first one.
 
-        Returns an empty result on timeout.  Raises :class:`StreamNotFound` or
+        ``timeout=0`` never waits.  Returns an empty result on timeout.  Raises :class:`StreamNotFound` or
         :class:`LogTrimmed`.
         """
 
@@ -89,6 +89,21 @@ class StreamStore(abc.ABC):
     @abc.abstractmethod
     async def subscribe_cancel(self, callback: CancelCallback) -> None:
         """Call ``callback(stream_id)`` for every cancel published from now on."""
+
+    @abc.abstractmethod
+    async def touch_reader(self, stream_id: str, reader_id: str, lease: float) -> None:
+        """Record that ``reader_id`` is reading ``stream_id``, for ``lease`` seconds.
+
+        Readers may be on another replica than the generation; the generation's
+        replica asks :meth:`has_readers` before it gives up on a resumable stream.
+        """
+
+    @abc.abstractmethod
+    async def drop_reader(self, stream_id: str, reader_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def has_readers(self, stream_id: str) -> bool:
+        """Whether any reader's lease on ``stream_id`` is still running."""
 
     async def startup(self) -> None:
         """Connect, start background work."""

@@ -43,6 +43,7 @@ class MemoryStore(StreamStore):
         self._keys: dict[str, tuple[str, str]] = {}
         self._key_of_stream: dict[str, str] = {}
         self._cancel_callbacks: list[CancelCallback] = []
+        self._readers: dict[str, dict[str, float]] = {}
         self._reaper: asyncio.Task[None] | None = None
 
     async def startup(self) -> None:
@@ -102,7 +103,7 @@ class MemoryStore(StreamStore):
         log = self._live_log(stream_id)
         if log is None:
             raise StreamNotFound(stream_id)
-        if after >= log.last_seq and not log.ended:
+        if after >= log.last_seq and not log.ended and timeout > 0:
             changed = log.changed
             try:
                 async with asyncio.timeout(timeout):
@@ -138,6 +139,20 @@ class MemoryStore(StreamStore):
     async def subscribe_cancel(self, callback: CancelCallback) -> None:
         self._cancel_callbacks.append(callback)
 
+    async def touch_reader(self, stream_id: str, reader_id: str, lease: float) -> None:
+        self._readers.setdefault(stream_id, {})[reader_id] = time.monotonic() + lease
+
+    async def drop_reader(self, stream_id: str, reader_id: str) -> None:
+        readers = self._readers.get(stream_id)
+        if readers is not None:
+            readers.pop(reader_id, None)
+            if not readers:
+                del self._readers[stream_id]
+
+    async def has_readers(self, stream_id: str) -> bool:
+        now = time.monotonic()
+        return any(expiry > now for expiry in self._readers.get(stream_id, {}).values())
+
     def _live_log(self, stream_id: str) -> _Log | None:
         log = self._logs.get(stream_id)
         if log is not None and log.expires <= time.monotonic():
@@ -147,6 +162,7 @@ class MemoryStore(StreamStore):
 
     def _drop(self, stream_id: str) -> None:
         self._logs.pop(stream_id, None)
+        self._readers.pop(stream_id, None)
         scope = self._key_of_stream.pop(stream_id, None)
         if scope is not None:
             self._keys.pop(scope, None)
