@@ -9,10 +9,13 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ._auth import KeyRing
 from ._config import Settings
 from ._relay import IdempotencyConflict, Relay, fingerprint_of
 from ._response import EventStreamResponse
@@ -58,11 +61,6 @@ async def read_json_body(request: Request, limit: int) -> Any:
         raise invalid(f"the body is not valid JSON: {exc}") from None
 
 
-def principal_of(request: Request) -> str:
-    """Who is asking; anonymous until API keys are configured."""
-    return ""
-
-
 def parse_cursor(request: Request) -> int:
     raw = request.headers.get("last-event-id")
     if raw is None:
@@ -89,11 +87,45 @@ def create_app(
             store=store or settings.create_store(),
             options=settings.relay_options(),
         )
+    keys = KeyRing.from_file(settings.auth_keys_file) if settings.auth_keys_file else None
+    metrics = relay.metrics
+
+    def refuse(exc: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
+        metrics.refused[exc.error_type] += 1
+        return error_response(exc, headers)
+
+    def principal_of(request: Request) -> str:
+        """Who is asking: "" when no keys are configured; raises 401 otherwise."""
+        if keys is None:
+            return ""
+        principal = keys.principal_for(request.headers.get("authorization"))
+        if principal is None:
+            raise RequestError(
+                401, "unauthorized", "send a valid API key as 'Authorization: Bearer <key>'", "Authorization"
+            )
+        return principal
+
     index_html = _static("index.html")
     client_js = _static("tokenwire.js")
 
     async def post_stream(request: Request) -> Response:
         try:
+            principal = principal_of(request)
+            if relay.active_streams >= settings.max_streams:
+                return refuse(
+                    RequestError(503, "overloaded", "the server is at its stream limit; retry shortly"),
+                    {"retry-after": "1"},
+                )
+            if relay.active_streams_of(principal) >= settings.max_streams_per_key:
+                return refuse(
+                    RequestError(
+                        429,
+                        "rate_limited",
+                        f"this key already has {settings.max_streams_per_key} streams running; "
+                        "wait for one to end or cancel one",
+                    ),
+                    {"retry-after": "1"},
+                )
             body = await read_json_body(request, settings.max_body)
             parsed = parse_stream_request(body)
             key = request.headers.get("idempotency-key")
@@ -101,15 +133,15 @@ def create_app(
                 raise invalid(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", "Idempotency-Key")
             meta, _created = await relay.start(
                 parsed.generation,
-                principal=principal_of(request),
+                principal=principal,
                 resumable=parsed.resumable,
                 idempotency_key=key,
                 fingerprint=fingerprint_of(body) if key is not None else None,
             )
         except RequestError as exc:
-            return error_response(exc)
+            return refuse(exc)
         except IdempotencyConflict:
-            return error_response(
+            return refuse(
                 RequestError(
                     422,
                     "invalid_request",
@@ -121,20 +153,28 @@ def create_app(
 
     async def get_stream(request: Request) -> Response:
         try:
+            principal = principal_of(request)
             after = parse_cursor(request)
         except RequestError as exc:
-            return error_response(exc)
-        meta = await relay.get(request.path_params["stream_id"], principal_of(request))
+            return refuse(exc)
+        meta = await relay.get(request.path_params["stream_id"], principal)
         if meta is None:
-            return error_response(_not_found())
+            return refuse(_not_found())
         return EventStreamResponse(relay, meta, after=after)  # type: ignore[return-value]
 
     async def delete_stream(request: Request) -> Response:
-        meta = await relay.get(request.path_params["stream_id"], principal_of(request))
+        try:
+            principal = principal_of(request)
+        except RequestError as exc:
+            return refuse(exc)
+        meta = await relay.get(request.path_params["stream_id"], principal)
         if meta is None:
-            return error_response(_not_found())
+            return refuse(_not_found())
         await relay.cancel(meta.stream_id)
         return Response(status_code=204)
+
+    async def metrics_route(request: Request) -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def healthz(request: Request) -> Response:
         return JSONResponse(
@@ -161,12 +201,14 @@ def create_app(
             Route("/", index, methods=["GET"]),
             Route("/tokenwire.js", client, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics_route, methods=["GET"]),
             Route("/api/stream", post_stream, methods=["POST"]),
             Route("/api/stream/{stream_id}", get_stream, methods=["GET"]),
             Route("/api/stream/{stream_id}", delete_stream, methods=["DELETE"]),
         ],
         lifespan=relay.lifespan,
         exception_handlers={HTTPException: _http_error, 500: _internal_error},
+        middleware=_cors(settings.cors_origin_list()),
     )
     app.state.relay = relay
     app.state.settings = settings
@@ -190,3 +232,19 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _internal_error(request: Request, exc: Exception) -> Response:
     # The traceback goes to the server log (uvicorn logs it), never to the client.
     return JSONResponse({"error": {"type": "internal_error", "message": "internal server error"}}, 500)
+
+
+def _cors(origins: list[str]) -> list[Middleware]:
+    """CORS is off unless origins are configured (``--cors-origins https://a.example,https://b.example``)."""
+    if not origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["authorization", "content-type", "idempotency-key", "last-event-id"],
+            expose_headers=["x-stream-id", "retry-after"],
+            max_age=600,
+        )
+    ]

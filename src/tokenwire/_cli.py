@@ -31,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--resume-grace", type=float, help="seconds a resumable stream outlives its client (30)")
     serve.add_argument("--send-timeout", type=float, help="drop a client that stops reading after S s (30)")
     serve.add_argument("--store", help="memory or redis://HOST:PORT/DB (default memory)")
+    serve.add_argument("--first-token-timeout", type=float, help="upstream silence before the first token (120)")
+    serve.add_argument("--idle-timeout", type=float, help="upstream silence between two tokens (60)")
+    serve.add_argument("--connect-timeout", type=float, help="upstream connect timeout (10)")
+    serve.add_argument("--max-body", type=int, help="request body limit in bytes (1 MiB)")
+    serve.add_argument("--auth-keys-file", help="require 'Authorization: Bearer <key>' with a key from this file")
+    serve.add_argument("--max-streams", type=int, help="streams running at once before 503 (512)")
+    serve.add_argument("--max-streams-per-key", type=int, help="streams per API key before 429 (32)")
+    serve.add_argument("--cors-origins", help="comma-separated origins allowed to call the API (CORS off by default)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
     ask = commands.add_parser("ask", help="stream an answer to the terminal")
@@ -62,7 +70,9 @@ def serve(args: argparse.Namespace) -> int:
         name: getattr(args, name)
         for name in (
             "host", "port", "provider", "base_url", "model", "model_path", "api_key_env", "heartbeat",
-            "max_duration", "resume_grace", "send_timeout", "store", "log_level",
+            "max_duration", "resume_grace", "send_timeout", "store", "log_level", "first_token_timeout",
+            "idle_timeout", "connect_timeout", "max_body", "auth_keys_file", "max_streams", "max_streams_per_key",
+            "cors_origins",
         )
     }
     settings = Settings.from_env(**overrides)

@@ -24,8 +24,16 @@ class Settings:
     max_duration: float = 600.0
     resume_grace: float = 30.0
     send_timeout: float = 30.0
+    first_token_timeout: float = 120.0
+    idle_timeout: float = 60.0
+    connect_timeout: float = 10.0
     store: str = "memory"
     max_body: int = 1024 * 1024
+    auth_keys_file: str = ""
+    max_streams: int = 512
+    max_streams_per_key: int = 32
+    cors_origins: str = ""
+    config: str = ""
     log_level: str = "info"
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -51,9 +59,13 @@ class Settings:
             raise ConfigError(f"unknown provider {self.provider!r}: use one of {', '.join(PROVIDERS)}")
         if self.provider == "openai" and not self.base_url:
             raise ConfigError("--provider openai needs --base-url (e.g. http://127.0.0.1:8080/v1)")
-        for name in ("heartbeat", "max_duration", "send_timeout"):
+        for name in ("heartbeat", "max_duration", "send_timeout", "first_token_timeout", "idle_timeout",
+                     "connect_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds")
+        for name in ("max_streams", "max_streams_per_key", "max_body"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.resume_grace < 0:
             raise ConfigError("--resume-grace must be zero or more seconds")
         if not (self.store == "memory" or self.store.startswith(("redis://", "rediss://"))):
@@ -65,7 +77,12 @@ class Settings:
             max_duration=self.max_duration,
             resume_grace=self.resume_grace,
             send_timeout=self.send_timeout,
+            first_token_timeout=self.first_token_timeout,
+            idle_timeout=self.idle_timeout,
         )
+
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     def create_provider(self) -> Provider:
         if self.provider == "local":

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import secrets
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,6 +28,7 @@ from ._events import (
     Done,
     Error,
     Finish,
+    Queued,
     Start,
     StreamEvent,
     Token,
@@ -36,6 +37,7 @@ from ._events import (
     encode_token_event,
 )
 from ._exceptions import ProviderError
+from ._metrics import Metrics
 from .providers.base import GenerationRequest, Provider
 from .stores.base import StreamMeta, StreamStore
 from .stores.memory import MemoryStore
@@ -52,6 +54,8 @@ class RelayOptions:
     max_duration: float = 600.0  # total deadline of one generation
     resume_grace: float = 30.0  # how long a resumable stream outlives its last reader
     send_timeout: float = 30.0  # a client that takes longer to accept one write is dropped
+    first_token_timeout: float = 120.0  # upstream silence before its first token (queue time excluded)
+    idle_timeout: float = 60.0  # upstream silence between two tokens
     retry_ms: int = 1000  # the "retry:" sent first, for reconnecting clients
 
 
@@ -71,7 +75,7 @@ class _Generation:
     cancel_requested: bool = False
     readers: int = 0
     grace_timer: asyncio.TimerHandle | None = None
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=lambda: asyncio.get_running_loop().time())
 
 
 def new_stream_id() -> str:
@@ -80,6 +84,9 @@ def new_stream_id() -> str:
 
 
 def fingerprint_of(body: Any) -> str:
+    """A digest of what was asked, to tell a retry from a different request."""
+    if dataclasses.is_dataclass(body) and not isinstance(body, type):
+        body = dataclasses.asdict(body)
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -99,6 +106,8 @@ class Relay:
         self.options = options or RelayOptions()
         self._running: dict[str, _Generation] = {}
         self._housekeeping: set[asyncio.Task[None]] = set()
+        self._per_principal: dict[str, int] = {}
+        self.metrics = Metrics()
         self._started = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -144,6 +153,9 @@ class Relay:
     def active_streams(self) -> int:
         return len(self._running)
 
+    def active_streams_of(self, principal: str) -> int:
+        return self._per_principal.get(principal, 0)
+
     # -- streams -----------------------------------------------------------
 
     async def start(
@@ -179,6 +191,7 @@ class Relay:
         await self.store.create(meta)
         generation = _Generation(meta)
         self._running[meta.stream_id] = generation
+        self._per_principal[principal] = self._per_principal.get(principal, 0) + 1
         generation.task = asyncio.create_task(
             self._run(generation, request), name=f"tokenwire-generation-{meta.stream_id}"
         )
@@ -275,10 +288,17 @@ class Relay:
         generation.running = True
         meta = generation.meta
         store = self.store
+        options = self.options
+        metrics = self.metrics
         stream_id = meta.stream_id
+        loop = asyncio.get_running_loop()
         seq = 0
-        completion_tokens = 0
+        tokens = 0
+        phase = "before_first_token"
+        last_token_at = generation.started
         terminal: StreamEvent | None = None
+        metrics.streams_started += 1
+        metrics.active_streams += 1
 
         async def emit(event: StreamEvent) -> None:
             nonlocal seq
@@ -290,57 +310,104 @@ class Relay:
             if generation.cancel_requested:
                 raise asyncio.CancelledError
             stream = self.provider.stream(request)
-            deadline = asyncio.timeout(self.options.max_duration)
+            deadline = asyncio.timeout(options.max_duration)
+            # One timer for "no token yet" and "no token lately": re-armed per token,
+            # so heartbeats to the client never hide a stalled upstream.
+            stall = asyncio.timeout(options.first_token_timeout)
             try:
-                async with deadline:
+                async with deadline, stall:
                     async for event in stream:
-                        if type(event) is Token:
-                            completion_tokens += 1
+                        kind = type(event)
+                        if kind is Token:
+                            now = loop.time()
+                            if tokens:
+                                metrics.inter_token_delay.observe(now - last_token_at)
+                            else:
+                                metrics.time_to_first_token.observe(now - generation.started)
+                                phase = "mid_stream"
+                            last_token_at = now
+                            stall.reschedule(now + options.idle_timeout)
+                            tokens += 1
                             seq += 1
-                            await store.append(stream_id, seq, encode_token_event(seq, event.text))
-                        elif type(event) is Finish:
-                            usage = event.usage or Usage(completion_tokens)
-                            terminal = Done(event.finish_reason, usage)
+                            await store.append(stream_id, seq, encode_token_event(seq, event.text))  # type: ignore[union-attr]
+                        elif kind is Finish:
+                            terminal = Done(event.finish_reason, event.usage or Usage(tokens))  # type: ignore[union-attr]
                             break
                         else:
+                            if kind is Queued:
+                                phase = "queued"
+                                stall.reschedule(None)  # waiting for the model is bounded by the deadline
+                            elif phase == "queued":
+                                phase = "before_first_token"
+                            if tokens == 0 and kind is not Queued:
+                                stall.reschedule(loop.time() + options.first_token_timeout)
                             await emit(event)  # type: ignore[arg-type]
                 if terminal is None:
                     terminal = Error("upstream_error", "the model ended the stream without finishing it", True)
             except TimeoutError:
-                if not deadline.expired():
+                if deadline.expired():
+                    terminal = Done("timeout", Usage(tokens))
+                elif stall.expired():
+                    limit, what = (
+                        (options.idle_timeout, "between two tokens")
+                        if tokens
+                        else (options.first_token_timeout, "before the first token")
+                    )
+                    terminal = Error("upstream_timeout", f"the model sent nothing for {limit:g} s {what}", True)
+                else:
                     raise
-                terminal = Done("timeout", Usage(completion_tokens))
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 task.uncancel()
-            terminal = Done("cancelled", Usage(completion_tokens))
+            terminal = Done("cancelled", Usage(tokens))
         except ProviderError as exc:
-            terminal = Error(exc.error_type, exc.message, exc.retryable)  # type: ignore[arg-type]
+            terminal = Error(exc.error_type, exc.message, exc.retryable)
         except Exception:
             logger.exception("generation %s failed", stream_id)
             terminal = Error("internal_error", "the generation failed inside tokenwire; see the server log")
         finally:
             self._running.pop(stream_id, None)
+            left = self._per_principal.pop(meta.principal, 1) - 1
+            if left:
+                self._per_principal[meta.principal] = left
             if generation.grace_timer is not None:
                 generation.grace_timer.cancel()
             if terminal is None:
-                terminal = Done("cancelled", Usage(completion_tokens))
+                terminal = Done("cancelled", Usage(tokens))
             await emit(terminal)
-            self._log_stream(meta, terminal, completion_tokens, generation)
+            metrics.active_streams -= 1
+            self._count_outcome(terminal, phase)
+            self._log_stream(meta, terminal, tokens, generation)
 
-    def _log_stream(
-        self, meta: StreamMeta, terminal: StreamEvent, tokens: int, generation: _Generation
-    ) -> None:
-        elapsed = time.monotonic() - generation.started
+    def _count_outcome(self, terminal: StreamEvent, phase: str) -> None:
+        metrics = self.metrics
+        if isinstance(terminal, Done):
+            metrics.finished[terminal.finish_reason] += 1
+            if terminal.finish_reason == "cancelled":
+                metrics.cancellations[phase] += 1
+        else:
+            assert isinstance(terminal, Error)
+            metrics.finished[terminal.error_type] += 1
+            metrics.upstream_errors[terminal.error_type] += 1
+
+    def _log_stream(self, meta: StreamMeta, terminal: StreamEvent, tokens: int, generation: _Generation) -> None:
+        """One structured line per stream (logfmt), with nothing of the prompt or any key."""
+        elapsed = asyncio.get_running_loop().time() - generation.started
         outcome = terminal.finish_reason if isinstance(terminal, Done) else terminal.error_type  # type: ignore[union-attr]
         logger.info(
-            "stream %s model=%s outcome=%s completion_tokens=%d duration_ms=%.0f",
+            "stream_id=%s principal=%s model=%s resumable=%s outcome=%s completion_tokens=%d duration_ms=%.0f",
             meta.stream_id,
-            meta.model,
+            _principal_label(meta.principal),
+            json.dumps(meta.model),
+            str(meta.resumable).lower(),
             outcome,
             tokens,
             elapsed * 1000,
         )
+
+
+def _principal_label(principal: str) -> str:
+    return principal or "anonymous"

@@ -147,7 +147,9 @@ class EventStreamResponse:
             async with asyncio.timeout(self.relay.options.send_timeout):
                 await send(message)
         except TimeoutError:
+            self.relay.metrics.clients_dropped += 1
             raise ClientGone("the client did not accept data within the send timeout") from None
+        self.relay.metrics.bytes_sent += len(message.get("body", b""))
 
 
 def _body(data: bytes) -> dict:
