@@ -177,18 +177,22 @@ class Relay:
             model=self.provider.model_for(request),
             resumable=resumable,
         )
+        # Create before claiming: whoever loses the claim finds the winner's
+        # stream already there, on any replica.
+        await self.store.create(meta)
         if idempotency_key is not None:
             fingerprint = fingerprint or fingerprint_of(request)
             scope = f"{principal}\x00{idempotency_key}"
             existing = await self.store.claim_idempotency_key(scope, fingerprint, meta.stream_id)
             if existing is not None:
+                await self.store.discard(meta.stream_id)
                 stream_id, bound_fingerprint = existing
                 if bound_fingerprint != fingerprint:
                     raise IdempotencyConflict(idempotency_key)
                 found = await self.store.get_meta(stream_id)
-                if found is not None:
-                    return found, False
-        await self.store.create(meta)
+                if found is None:
+                    raise IdempotencyConflict(idempotency_key)
+                return found, False
         generation = _Generation(meta)
         self._running[meta.stream_id] = generation
         self._per_principal[principal] = self._per_principal.get(principal, 0) + 1

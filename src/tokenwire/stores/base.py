@@ -58,6 +58,10 @@ class StreamStore(abc.ABC):
     async def create(self, meta: StreamMeta) -> None: ...
 
     @abc.abstractmethod
+    async def discard(self, stream_id: str) -> None:
+        """Forget a stream that was created but lost its idempotency claim (never started)."""
+
+    @abc.abstractmethod
     async def get_meta(self, stream_id: str) -> StreamMeta | None: ...
 
     @abc.abstractmethod

@@ -62,6 +62,9 @@ class MemoryStore(StreamStore):
     async def create(self, meta: StreamMeta) -> None:
         self._logs[meta.stream_id] = _Log(meta)
 
+    async def discard(self, stream_id: str) -> None:
+        self._drop(stream_id)
+
     async def get_meta(self, stream_id: str) -> StreamMeta | None:
         log = self._live_log(stream_id)
         return log.meta if log else None
@@ -123,8 +126,9 @@ class MemoryStore(StreamStore):
     async def claim_idempotency_key(
         self, scope: str, fingerprint: str, stream_id: str
     ) -> tuple[str, str] | None:
+        # A bound key stays taken until its stream is dropped (which unbinds it).
         existing = self._keys.get(scope)
-        if existing is not None and self._live_log(existing[0]) is not None:
+        if existing is not None:
             return existing
         self._keys[scope] = (stream_id, fingerprint)
         self._key_of_stream[stream_id] = scope

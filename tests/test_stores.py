@@ -1,0 +1,482 @@
+"""The StreamStore contract, one suite run against every store: memory, and Redis (a real redis-server).
+
+For Redis, a "replica" is a second RedisStore on the same server and prefix, as a second tokenwire
+process would be (with only 3 blocking connections, so that its extra readers poll); for memory it is
+the same instance (there is no other process to share with).
+Every test runs its own event loop under an overall deadline, so a hang fails instead of blocking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import TypeVar
+
+import pytest
+from redis_server import redis_url_fixture
+
+from tokenwire import ConfigError
+from tokenwire.stores.base import LogLimits, LogTrimmed, ReadResult, StreamMeta, StreamNotFound, StreamStore
+from tokenwire.stores.memory import MemoryStore
+from tokenwire.stores.redis import RedisStore
+
+redis_url = redis_url_fixture()
+
+T = TypeVar("T")
+
+
+# -- backends ---------------------------------------------------------------
+
+
+class MemoryBackend:
+    name = "memory"
+
+    def new(self, limits: LogLimits | None = None) -> StreamStore:
+        return MemoryStore(limits)
+
+    def replica(self, store: StreamStore) -> StreamStore:
+        return store
+
+    async def stored_events(self, store: StreamStore, stream_id: str) -> int:
+        assert isinstance(store, MemoryStore)
+        return len(store._logs[stream_id].entries)
+
+    async def server_connections(self) -> int:
+        return 0
+
+
+class RedisBackend:
+    name = "redis"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def new(self, limits: LogLimits | None = None) -> StreamStore:
+        # A prefix per store keeps tests apart on the shared server.
+        return RedisStore(self.url, limits, prefix=f"tokenwire-test-{uuid.uuid4().hex[:12]}:")
+
+    def replica(self, store: StreamStore) -> StreamStore:
+        assert isinstance(store, RedisStore)
+        # Few blocking connections: readers beyond them take the polling path.
+        return RedisStore(store.url, store.limits, prefix=store.prefix, max_blocking_readers=3)
+
+    async def stored_events(self, store: StreamStore, stream_id: str) -> int:
+        assert isinstance(store, RedisStore)
+        return await store._redis.xlen(store._log_key(stream_id))
+
+    async def server_connections(self) -> int:
+        from redis.asyncio import Redis
+
+        async with Redis.from_url(self.url) as client:
+            return len(await client.client_list()) - 1  # not counting this one
+
+
+Backend = MemoryBackend | RedisBackend
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "memory":
+        return MemoryBackend()
+    return RedisBackend(request.getfixturevalue("redis_url"))
+
+
+# -- helpers ----------------------------------------------------------------
+
+
+def run(main: Callable[[], Awaitable[T]], *, deadline: float = 60.0) -> T:
+    async def bounded() -> T:
+        async with asyncio.timeout(deadline):
+            return await main()
+
+    return asyncio.run(bounded())
+
+
+@asynccontextmanager
+async def opened(store: StreamStore) -> AsyncIterator[StreamStore]:
+    await store.startup()
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+def new_meta(*, principal: str = "alice", model: str = "m", resumable: bool = False) -> StreamMeta:
+    return StreamMeta(f"str_{uuid.uuid4().hex}", principal, model, resumable)
+
+
+def event(seq: int) -> bytes:
+    return b"id: %d\ndata: {\"type\":\"token\",\"text\":\"t%d\"}\n\n" % (seq, seq)
+
+
+async def append_events(store: StreamStore, stream_id: str, seqs: range, *, end: int | None = None) -> None:
+    for seq in seqs:
+        await store.append(stream_id, seq, event(seq), terminal=seq == end)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+# -- streams and reads ------------------------------------------------------
+
+
+def test_create_and_get_meta(backend: Backend) -> None:
+    async def main() -> None:
+        async with opened(backend.new()) as store:
+            for meta in (new_meta(resumable=True), new_meta(principal="", model="other/model:7b")):
+                await store.create(meta)
+                assert await store.get_meta(meta.stream_id) == meta
+            assert await store.get_meta("str_unknown") is None
+
+    run(main)
+
+
+def test_append_then_read_returns_entries_in_order(backend: Backend) -> None:
+    async def main() -> None:
+        async with opened(backend.new()) as store:
+            running, finished = new_meta(), new_meta()
+            await store.create(running)
+            await store.create(finished)
+            await append_events(store, running.stream_id, range(1, 3))
+            await append_events(store, finished.stream_id, range(1, 4), end=3)
+            assert await store.read(running.stream_id, 0, timeout=1) == ReadResult(
+                [event(1), event(2)], 2, False
+            )
+            assert await store.read(finished.stream_id, 0, timeout=1) == ReadResult(
+                [event(1), event(2), event(3)], 3, True
+            )
+
+    run(main)
+
+
+def test_read_after_a_cursor_in_the_middle(backend: Backend) -> None:
+    async def main() -> None:
+        async with opened(backend.new()) as store:
+            meta = new_meta()
+            await store.create(meta)
+            await append_events(store, meta.stream_id, range(1, 6))
+            expected = ReadResult([event(3), event(4), event(5)], 5, False)
+            assert await store.read(meta.stream_id, 2, timeout=1) == expected
+            assert await store.read(meta.stream_id, 4, timeout=1) == ReadResult([event(5)], 5, False)
+
+    run(main)
+
+
+def test_read_waits_for_an_append_then_times_out_empty(backend: Backend) -> None:
+    async def main() -> None:
+        async with opened(backend.new()) as store:
+            meta = new_meta()
+            sid = meta.stream_id
+            await store.create(meta)
+            # The first read of a fresh cursor, then a follow-up read from the cursor it returned.
+            for seq in (1, 2):
+                reader = asyncio.create_task(store.read(sid, seq - 1, timeout=10))
+                await asyncio.sleep(0.2)
+                assert not reader.done()
+                started = time.monotonic()
+                await store.append(sid, seq, event(seq))
+                assert await asyncio.wait_for(reader, 5) == ReadResult([event(seq)], seq, False)
+                assert time.monotonic() - started < 2
+            started = time.monotonic()
+            assert await store.read(sid, 2, timeout=0.3) == ReadResult([], 2, False)
+            assert 0.25 <= time.monotonic() - started < 3
+            started = time.monotonic()
+            assert await store.read(sid, 2, timeout=0) == ReadResult([], 2, False)  # never waits
+            assert await store.read(sid, 0, timeout=0) == ReadResult([event(1), event(2)], 2, False)
+            assert time.monotonic() - started < 0.25
+
+    run(main)
+
+
+def test_concurrent_readers_get_every_event_once_and_in_order(backend: Backend) -> None:
+    total = 1000
+
+    async def main() -> None:
+        store = backend.new()
+        replica = backend.replica(store)
+        async with opened(store), opened(replica):
+            meta = new_meta()
+            sid = meta.stream_id
+            await store.create(meta)
+
+            async def follow(reading: StreamStore) -> list[bytes]:
+                got: list[bytes] = []
+                cursor = 0
+                while True:
+                    result = await reading.read(sid, cursor, timeout=5)
+                    assert result.next_seq == cursor + len(result.entries)
+                    got += result.entries
+                    cursor = result.next_seq
+                    if result.ended:
+                        return got
+
+            early = [asyncio.create_task(follow(store if i % 2 else replica)) for i in range(10)]
+            await asyncio.sleep(0.1)
+            late: list[asyncio.Task[list[bytes]]] = []
+            for seq in range(1, total + 1):
+                await store.append(sid, seq, event(seq), terminal=seq == total)
+                if seq % 10 == 0:
+                    await asyncio.sleep(0)  # the memory store's append never yields
+                if seq == total // 2:
+                    late = [asyncio.create_task(follow(store if i % 2 else replica)) for i in range(10)]
+            expected = [event(seq) for seq in range(1, total + 1)]
+            for got in await asyncio.gather(*early, *late):
+                assert got == expected
+
+    run(main)
+
+
+def test_a_log_trimmed_beyond_max_events_says_what_it_still_has(backend: Backend) -> None:
+    async def main() -> None:
+        async with opened(backend.new(LogLimits(max_events=10))) as store:
+            meta = new_meta()
+            sid = meta.stream_id
+            await store.create(meta)
+            await append_events(store, sid, range(1, 26))
+            assert await backend.stored_events(store, sid) == 10
+            for after in (0, 14):
+                with pytest.raises(LogTrimmed) as caught:
+                    await store.read(sid, after, timeout=1)
+                assert caught.value.first_available == 16
+            expected = ReadResult([event(s) for s in range(16, 26)], 25, False)
+            assert await store.read(sid, 15, timeout=1) == expected
+            # A reader that falls behind while it follows the stream.
+            await append_events(store, sid, range(26, 41))
+            with pytest.raises(LogTrimmed) as caught:
+                await store.read(sid, 25, timeout=1)
+            assert caught.value.first_available == 31
+            assert await backend.stored_events(store, sid) == 10
+
+    run(main)
+
+
+def test_a_log_trimmed_beyond_max_bytes_keeps_the_newest(backend: Backend) -> None:
+    size = len(event(10))
+
+    async def main() -> None:
+        async with opened(backend.new(LogLimits(max_bytes=3 * size + 1))) as store:
+            meta = new_meta()
+            sid = meta.stream_id
+            await store.create(meta)
+            for seq in range(1, 11):
+                await store.append(sid, seq, event(seq + 10))
+            with pytest.raises(LogTrimmed) as caught:
+                await store.read(sid, 0, timeout=1)
+            assert caught.value.first_available == 8
+            expected = ReadResult([event(s) for s in (18, 19, 20)], 10, False)
+            assert await store.read(sid, 7, timeout=1) == expected
+            # One event larger than the limit is still kept, alone.
+            await store.append(sid, 11, b"x" * (4 * size))
+            assert await store.read(sid, 10, timeout=1) == ReadResult([b"x" * (4 * size)], 11, False)
+            assert await backend.stored_events(store, sid) == 1
+
+    run(main)
+
+
+def test_an_unknown_stream_is_not_found_at_once(backend: Backend) -> None:
+    async def main() -> None:
+        async with opened(backend.new()) as store:
+            started = time.monotonic()
+            with pytest.raises(StreamNotFound):
+                await store.read("str_unknown", 0, timeout=5)
+            with pytest.raises(StreamNotFound):
+                await store.read("str_unknown", 7, timeout=5)
+            assert time.monotonic() - started < 1
+
+    run(main)
+
+
+def test_the_terminal_event_ends_the_stream_which_expires_after_ttl(backend: Backend) -> None:
+    ttl = 0.3
+
+    async def main() -> None:
+        async with opened(backend.new(LogLimits(ttl=ttl))) as store:
+            meta = new_meta()
+            sid = meta.stream_id
+            await store.create(meta)
+            await store.append(sid, 1, event(1))
+            await store.append(sid, 2, event(2), terminal=True)
+            ended_at = time.monotonic()
+            assert await store.read(sid, 0, timeout=1) == ReadResult([event(1), event(2)], 2, True)
+            assert await store.read(sid, 1, timeout=1) == ReadResult([event(2)], 2, True)
+            # A reader already past the terminal event (a reconnect with its id) is told at once.
+            assert await store.read(sid, 2, timeout=5) == ReadResult([], 2, True)
+            assert time.monotonic() - ended_at < ttl  # still there
+            assert await store.get_meta(sid) == meta
+
+            async def gone() -> bool:
+                return await store.get_meta(sid) is None
+
+            await eventually(gone)
+            assert time.monotonic() - ended_at >= ttl * 0.8
+            with pytest.raises(StreamNotFound):
+                await store.read(sid, 0, timeout=1)
+
+    run(main)
+
+
+# -- idempotency keys -------------------------------------------------------
+
+
+async def _claim_concurrently(
+    store: StreamStore, replica: StreamStore, scope: str, *, create_on_win: bool
+) -> list[tuple[str, str, tuple[str, str] | None]]:
+    async def claim(i: int) -> tuple[str, str, tuple[str, str] | None]:
+        claimer = store if i % 2 else replica
+        meta, fingerprint = new_meta(), f"fingerprint-{i}"
+        bound = await claimer.claim_idempotency_key(scope, fingerprint, meta.stream_id)
+        if bound is None and create_on_win:  # what the relay does
+            await claimer.create(meta)
+        return meta.stream_id, fingerprint, bound
+
+    return await asyncio.gather(*(claim(i) for i in range(20)))
+
+
+def _check_one_winner(outcomes: list[tuple[str, str, tuple[str, str] | None]]) -> None:
+    winners = [(sid, fingerprint) for sid, fingerprint, bound in outcomes if bound is None]
+    assert len(winners) == 1, winners
+    assert all(bound == winners[0] for _, _, bound in outcomes if bound is not None)
+
+
+def test_an_idempotency_key_is_claimed_once(backend: Backend) -> None:
+    async def main() -> None:
+        store = backend.new()
+        replica = backend.replica(store)
+        async with opened(store), opened(replica):
+            _check_one_winner(await _claim_concurrently(store, replica, "alice\x00key-1", create_on_win=True))
+
+    run(main)
+
+
+def test_an_idempotency_key_is_bound_before_its_stream_is_created(backend: Backend) -> None:
+    async def main() -> None:
+        store = backend.new()
+        replica = backend.replica(store)
+        async with opened(store), opened(replica):
+            outcomes = await _claim_concurrently(store, replica, "alice\x00key-2", create_on_win=False)
+            _check_one_winner(outcomes)
+
+    run(main)
+
+
+def test_an_idempotency_key_expires_with_its_stream(backend: Backend) -> None:
+    async def main() -> None:
+        async with opened(backend.new(LogLimits(ttl=0.3))) as store:
+            scope = "alice\x00key-3"
+            first = new_meta()
+            assert await store.claim_idempotency_key(scope, "fp", first.stream_id) is None
+            await store.create(first)
+            await store.append(first.stream_id, 1, event(1), terminal=True)
+            second = new_meta()
+            assert await store.claim_idempotency_key(scope, "fp", second.stream_id) == (first.stream_id, "fp")
+
+            async def gone() -> bool:
+                return await store.get_meta(first.stream_id) is None
+
+            await eventually(gone)
+            assert await store.claim_idempotency_key(scope, "fp2", second.stream_id) is None
+
+    run(main)
+
+
+# -- reader leases ----------------------------------------------------------
+
+
+def test_reader_leases_are_seen_by_every_replica_until_they_run_out(backend: Backend) -> None:
+    async def main() -> None:
+        store = backend.new()
+        replica = backend.replica(store)
+        async with opened(store), opened(replica):
+            sid = new_meta().stream_id
+            assert not await store.has_readers(sid)
+            await replica.touch_reader(sid, "short", 0.3)
+            touched_at = time.monotonic()
+            await replica.touch_reader(sid, "long", 30)
+            assert await store.has_readers(sid)
+            await store.drop_reader(sid, "long")
+            await store.drop_reader(sid, "never-there")
+            assert await store.has_readers(sid)  # "short" still holds its lease
+
+            async def none_left() -> bool:
+                return not await store.has_readers(sid)
+
+            await eventually(none_left)
+            assert time.monotonic() - touched_at >= 0.25
+            await store.touch_reader(sid, "short", 30)  # a renewal after expiry counts again
+            assert await replica.has_readers(sid)
+
+    run(main)
+
+
+# -- cancel signals and lifecycle -------------------------------------------
+
+
+def test_a_cancel_published_on_one_replica_reaches_the_others(backend: Backend) -> None:
+    async def main() -> None:
+        running = backend.new()
+        deleting = backend.replica(running)
+        async with opened(running), opened(deleting):
+            received: asyncio.Queue[str] = asyncio.Queue()
+            seen_sync: list[str] = []
+            await running.subscribe_cancel(received.put)  # a coroutine function
+            await running.subscribe_cancel(seen_sync.append)  # a plain function
+            await deleting.publish_cancel("str_a")
+            await deleting.publish_cancel("str_b")
+            assert await asyncio.wait_for(received.get(), 5) == "str_a"
+            assert await asyncio.wait_for(received.get(), 5) == "str_b"
+            assert seen_sync == ["str_a", "str_b"]
+
+    run(main)
+
+
+def test_startup_and_aclose_leave_no_tasks_or_connections(backend: Backend) -> None:
+    async def main() -> None:
+        baseline = await backend.server_connections()
+        outside = asyncio.all_tasks()
+        store = backend.new()
+        await store.startup()
+        await store.subscribe_cancel(lambda stream_id: None)
+        meta = new_meta()
+        await store.create(meta)
+        await store.append(meta.stream_id, 1, event(1))
+        await store.read(meta.stream_id, 0, timeout=1)
+        # A reader that goes away while it waits (a client disconnect).
+        waiting = asyncio.create_task(store.read(meta.stream_id, 1, timeout=10))
+        await asyncio.sleep(0.2)
+        waiting.cancel()
+        with suppress(asyncio.CancelledError):
+            await waiting
+        await store.publish_cancel(meta.stream_id)
+        await store.aclose()
+        assert asyncio.all_tasks() == outside
+
+        async def closed() -> bool:
+            return await backend.server_connections() == baseline
+
+        await eventually(closed)
+
+    run(main)
+
+
+
+def test_a_redis_store_that_cannot_connect_says_how_to_fix_it() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    async def main() -> None:
+        store = RedisStore(f"redis://user:secret@127.0.0.1:{port}/0")
+        with pytest.raises(ConfigError, match="fix --store") as caught:
+            await store.startup()
+        assert "secret" not in str(caught.value)
+        await store.aclose()
+
+    run(main, deadline=30)
