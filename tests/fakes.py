@@ -452,10 +452,16 @@ async def _closed_or(connection: UpstreamConnection, event: asyncio.Event) -> bo
 
 
 @contextlib.contextmanager
-def serve_app(app: Any, **config: Any) -> Iterator[str]:
-    """Run ``app`` in a real uvicorn on a free loopback port; yield its base URL."""
+def serve_app(app: Any, *, sndbuf: int | None = None, **config: Any) -> Iterator[str]:
+    """Run ``app`` in a real uvicorn on a free loopback port; yield its base URL.
+
+    ``sndbuf`` sets SO_SNDBUF on the listening socket (accepted sockets inherit
+    it), so that a client that stops reading stalls the server's writes sooner.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if sndbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     options = {"log_level": "warning", "lifespan": "on", "timeout_graceful_shutdown": 3, **config}

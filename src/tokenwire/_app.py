@@ -116,7 +116,7 @@ def create_app(
                     RequestError(503, "overloaded", "the server is at its stream limit; retry shortly"),
                     {"retry-after": "1"},
                 )
-            if relay.active_streams_of(principal) >= settings.max_streams_per_key:
+            if keys is not None and relay.active_streams_of(principal) >= settings.max_streams_per_key:
                 return refuse(
                     RequestError(
                         429,

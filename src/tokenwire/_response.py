@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,8 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 
+
+logger = logging.getLogger("tokenwire")
 
 # Seconds a resumable stream's reader counts as present without renewing.
 READER_LEASE = 15.0
@@ -148,6 +151,13 @@ class EventStreamResponse:
                 await send(message)
         except TimeoutError:
             self.relay.metrics.clients_dropped += 1
+            # uvicorn then logs "ASGI callable returned without completing response"
+            # as it closes the socket: ASGI has no other way to drop a client.
+            logger.warning(
+                "stream_id=%s dropping a client that accepted no data for %g s",
+                self.meta.stream_id,
+                self.relay.options.send_timeout,
+            )
             raise ClientGone("the client did not accept data within the send timeout") from None
         self.relay.metrics.bytes_sent += len(message.get("body", b""))
 

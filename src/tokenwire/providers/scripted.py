@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 
 from .._events import Finish, ProviderEvent, Token, Usage
@@ -61,7 +62,7 @@ class ScriptedProvider(Provider):
         if self.first_token_delay:
             await asyncio.sleep(self.first_token_delay)
         sent = 0
-        for token in tokens[:limit]:
+        for token in itertools.islice(tokens, limit):
             if sent and self.interval:
                 await asyncio.sleep(self.interval)
             yield Token(token)

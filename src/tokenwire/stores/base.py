@@ -36,7 +36,13 @@ class StreamMeta:
 class LogLimits:
     max_events: int = 100_000
     max_bytes: int = 16 * 1024 * 1024
-    ttl: float = 600.0  # seconds a finished stream stays resumable
+    ttl: float = 600.0  # seconds a finished resumable stream stays resumable
+    # A stream that is not resumable is kept only briefly after its end, for a
+    # reader still sending its tail (and an Idempotency-Key retry racing it).
+    unresumable_ttl: float = 5.0
+
+    def ttl_for(self, resumable: bool) -> float:
+        return self.ttl if resumable else min(self.ttl, self.unresumable_ttl)
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,7 +79,7 @@ class MemoryStore(StreamStore):
             self._trim(log)
         if terminal:
             log.ended = True
-            log.expires = time.monotonic() + limits.ttl
+            log.expires = time.monotonic() + limits.ttl_for(log.meta.resumable)
         changed, log.changed = log.changed, asyncio.Event()
         changed.set()
 

@@ -207,6 +207,7 @@ class RedisStore(StreamStore):
         self._listener: asyncio.Task[None] | None = None
         # stream id -> idempotency key, for streams this process claimed and runs: refreshed with them.
         self._idempotency_keys: dict[str, str] = {}
+        self._resumable: dict[str, bool] = {}  # of the streams this replica writes
         # stream id -> highest seq seen that is not the terminal event: a read after it may block at once.
         self._known_open: dict[str, int] = {}
 
@@ -276,6 +277,7 @@ class RedisStore(StreamStore):
             "nbytes": 0,
             "ended": 0,
         }
+        self._resumable[meta.stream_id] = meta.resumable
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(meta_key, self._log_key(meta.stream_id))
             pipe.hset(meta_key, mapping=fields)
@@ -284,6 +286,7 @@ class RedisStore(StreamStore):
 
     async def discard(self, stream_id: str) -> None:
         self._idempotency_keys.pop(stream_id, None)
+        self._resumable.pop(stream_id, None)
         await self._redis.delete(self._meta_key(stream_id), self._log_key(stream_id))
 
     async def get_meta(self, stream_id: str) -> StreamMeta | None:
@@ -307,7 +310,7 @@ class RedisStore(StreamStore):
             limits.max_events,
             limits.max_bytes,
             _ms(self.running_ttl),
-            _ms(limits.ttl),
+            _ms(limits.ttl_for(self._resumable.get(stream_id, True))),
         ]
         try:
             await self._append(keys=keys, args=args)
@@ -317,6 +320,7 @@ class RedisStore(StreamStore):
             raise ValueError(f"cannot append to {stream_id}: {exc}") from None
         if terminal:
             self._idempotency_keys.pop(stream_id, None)
+            self._resumable.pop(stream_id, None)
 
     async def read(self, stream_id: str, after: int, *, timeout: float) -> ReadResult:
         if 0 < after <= self._known_open.get(stream_id, 0):
