@@ -288,8 +288,6 @@ def test_invalid_requests_get_a_json_error_and_reach_no_model(
 
 def readme_app(base_url: str) -> Any:
     # --- README example (kept verbatim in the README) ---
-    import contextlib
-
     from starlette.applications import Starlette
     from starlette.routing import Route
 
@@ -303,12 +301,7 @@ def readme_app(base_url: str) -> Any:
         meta, _ = await relay.start(GenerationRequest.from_prompt(body["prompt"]))
         return EventStreamResponse(relay, meta)  # SSE; closing the tab closes the upstream socket
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        async with relay:
-            yield
-
-    app = Starlette(routes=[Route("/chat", chat, methods=["POST"])], lifespan=lifespan)
+    app = Starlette(routes=[Route("/chat", chat, methods=["POST"])], lifespan=relay.lifespan)
     # --- end of the README example ---
     return app
 

@@ -93,6 +93,8 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def ask(args: argparse.Namespace) -> int:
+    import httpx
+
     from ._client import stream_tokens
 
     body: dict[str, object] = {"prompt": args.prompt}
@@ -127,6 +129,6 @@ def ask(args: argparse.Namespace) -> int:
     except ClientError as exc:
         print(f"tokenwire: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
+    except (OSError, httpx.TransportError) as exc:
         print(f"tokenwire: cannot reach {url}: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,119 @@
+"""The Python client and `tokenwire ask`, against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from fakes import run_async, serve_app, wait_until
+
+from tokenwire import ScriptedProvider, Settings, TokenwireHTTPError, create_app, stream_tokens
+from tokenwire.providers.scripted import split_tokens
+
+LONG = " ".join(f"word{i}" for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[str, object]]:
+    app = create_app(Settings(), provider=ScriptedProvider(interval=0.02, echo=True))
+    with serve_app(app) as url:
+        yield url, app
+
+
+def test_stream_tokens_yields_the_protocol_events(served) -> None:
+    url, _ = served
+
+    async def main() -> list[dict]:
+        return [e async for e in stream_tokens(url + "/api/stream", {"prompt": "one two three"})]
+
+    events = run_async(main)
+    assert [e["type"] for e in events] == ["start", "token", "token", "token", "done"]
+    assert "".join(e["text"] for e in events if e["type"] == "token") == "one two three"
+    assert events[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_refused_request_raises_with_the_servers_error(served) -> None:
+    url, _ = served
+
+    async def main() -> None:
+        async for _ in stream_tokens(url + "/api/stream", {"prompt": ""}):
+            pass
+
+    with pytest.raises(TokenwireHTTPError) as caught:
+        run_async(main)
+    assert caught.value.status_code == 400
+    assert caught.value.error_type == "invalid_request"
+    assert "prompt" in str(caught.value)
+
+
+def test_leaving_a_resumable_stream_cancels_it_on_the_server(served) -> None:
+    url, app = served
+    relay = app.state.relay
+
+    async def main() -> str:
+        stream_id = ""
+        agen = stream_tokens(url + "/api/stream", {"prompt": LONG}, resume=True)
+        async for event in agen:
+            if event["type"] == "start":
+                stream_id = event["stream_id"]
+            if event["type"] == "token":
+                break
+        await agen.aclose()  # what `async for ... break` does at the latest on garbage collection
+        return stream_id
+
+    stream_id = run_async(main)
+    # A resumable stream outlives a disconnect for the grace period; only the DELETE ends it now.
+    assert wait_until(lambda: relay.active_streams == 0, timeout=3)
+    log = relay.store.read_nowait(stream_id, 0)
+    assert b'"finish_reason":"cancelled"' in log.entries[-1]
+
+
+def ask(url: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tokenwire", "ask", *args, "--url", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_ask_streams_the_answer(served) -> None:
+    url, _ = served
+    process = ask(url, "the sky is blue")
+    out, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+    assert out == "the sky is blue\n"
+    assert "[stop: 4 tokens]" in err
+
+
+def test_ctrl_c_in_ask_stops_the_generation(served) -> None:
+    url, app = served
+    relay = app.state.relay
+    process = ask(url, LONG)
+    try:
+        assert process.stdout is not None
+        first = process.stdout.read(len("word0 word1"))  # blocks until the answer is streaming
+        assert first == "word0 word1"
+        assert relay.active_streams == 1
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=10)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert "[stopped]" in err
+    assert wait_until(lambda: relay.active_streams == 0, timeout=3)
+    assert relay.metrics.cancellations["mid_stream"] >= 1
+    assert len(split_tokens(LONG)) == 400  # the stream was far from over
+
+
+def test_ask_reports_an_unreachable_server() -> None:
+    process = ask("http://127.0.0.1:9", "hi")
+    _, err = process.communicate(timeout=20)
+    assert process.returncode == 1
+    assert "cannot reach" in err
