@@ -57,7 +57,7 @@ async def read_json_body(request: Request, limit: int) -> Any:
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, ints over 4300 digits, deep nesting
         raise invalid(f"the body is not valid JSON: {exc}") from None
 
 
@@ -67,7 +67,8 @@ def parse_cursor(request: Request) -> int:
         raw = request.query_params.get("after")
     if raw is None or raw == "":
         return 0
-    if not raw.isdigit():
+    # isdigit() alone admits "²" and other digits int() refuses; 19 digits hold any seq.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
         raise invalid("Last-Event-ID / ?after= must be the seq number of the last event received", "after")
     return int(raw)
 
@@ -84,7 +85,7 @@ def create_app(
     if relay is None:
         relay = Relay(
             provider or settings.create_provider(),
-            store=store or settings.create_store(),
+            store=store if store is not None else settings.create_store(),
             options=settings.relay_options(),
         )
     keys = KeyRing.from_file(settings.auth_keys_file) if settings.auth_keys_file else None
@@ -128,6 +129,10 @@ def create_app(
                 )
             body = await read_json_body(request, settings.max_body)
             parsed = parse_stream_request(body)
+            model = parsed.generation.model
+            if model and not relay.provider.supports_model(model):
+                known = ", ".join(getattr(relay.provider, "routes", {}))
+                raise invalid(f"unknown model {model!r}; the models are: {known}", "model")
             key = request.headers.get("idempotency-key")
             if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
                 raise invalid(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", "Idempotency-Key")

@@ -85,6 +85,29 @@ class Settings:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     def create_provider(self) -> Provider:
+        if self.config:
+            # A routes file: one provider per model, each made as if by its own flags.
+            import dataclasses
+
+            from .providers.router import RoutedProvider, load_routes
+
+            routes = load_routes(self.config)
+            providers: dict[str, Provider] = {}
+            for route in routes.routes:
+                flags = dataclasses.replace(
+                    self,
+                    config="",
+                    provider=route.provider,
+                    base_url=route.base_url,
+                    model=route.model or route.name,
+                    api_key_env=route.api_key_env,
+                    model_path=route.model_path or self.model_path,
+                )
+                try:
+                    providers[route.name] = flags.create_provider()
+                except ConfigError as exc:
+                    raise ConfigError(f"{self.config}: [models.{route.name}]: {exc}") from None
+            return RoutedProvider(providers, routes.default)
         if self.provider == "local":
             from .providers.local import LocalProvider
 
@@ -93,13 +116,19 @@ class Settings:
             from .providers.openai import OpenAIProvider
 
             return OpenAIProvider(
-                self.base_url, model=self.model or None, api_key=self._api_key("OPENAI_API_KEY")
+                self.base_url,
+                model=self.model or None,
+                api_key=self._api_key("OPENAI_API_KEY"),
+                connect_timeout=self.connect_timeout,
             )
         if self.provider == "anthropic":
             from .providers.anthropic import AnthropicProvider
 
             return AnthropicProvider(
-                self.base_url or None, model=self.model or None, api_key=self._api_key("ANTHROPIC_API_KEY")
+                self.base_url or None,
+                model=self.model or None,
+                api_key=self._api_key("ANTHROPIC_API_KEY"),
+                connect_timeout=self.connect_timeout,
             )
         from .providers.scripted import ScriptedProvider
 

@@ -88,7 +88,8 @@ def fingerprint_of(body: Any) -> str:
     if dataclasses.is_dataclass(body) and not isinstance(body, type):
         body = dataclasses.asdict(body)
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    # surrogatepass: a JSON body may hold a lone surrogate ("\ud800"), which strict UTF-8 refuses.
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class Relay:
@@ -102,7 +103,7 @@ class Relay:
         options: RelayOptions | None = None,
     ) -> None:
         self.provider = provider
-        self.store = store or MemoryStore()
+        self.store = store if store is not None else MemoryStore()  # an empty MemoryStore is falsy (__len__)
         self.options = options or RelayOptions()
         self._running: dict[str, _Generation] = {}
         self._housekeeping: set[asyncio.Task[None]] = set()

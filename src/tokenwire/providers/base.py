@@ -42,6 +42,10 @@ class Provider(abc.ABC):
     def model_for(self, request: GenerationRequest) -> str:
         return request.model or self.default_model
 
+    def supports_model(self, model: str) -> bool:
+        """Whether a request may ask for ``model``; the app answers 400 otherwise."""
+        return True
+
     @abc.abstractmethod
     def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
         """Yield the events of one generation; stop all work when closed or cancelled."""

@@ -1,0 +1,274 @@
+"""What every provider that streams SSE from an HTTP API shares.
+
+:class:`HTTPProvider` owns the ``httpx.AsyncClient`` and turns one POST into
+provider events through an :class:`SSEParser` (one per API format); the
+OpenAI and Anthropic providers differ only in the request they build and the
+parser they use.
+
+Cancellation is the point of this module.  The upstream is reached over
+HTTP/1.1 only: closing a partially read HTTP/1.1 response closes its socket,
+which is how vLLM, llama.cpp and Ollama learn to stop generating; over HTTP/2
+no RST_STREAM is sent and the upstream keeps going (FIELD-GUIDE, httpcore#943).
+The response lives in an ``async with`` around every ``await`` and ``yield`` of
+:meth:`HTTPProvider.stream_sse`, so a cancelled task or a closed generator closes it.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from .._events import Finish, ProviderEvent
+from .._exceptions import ProviderError
+from .._sse import ServerSentEvent, SSEDecoder
+from .base import Provider
+
+MAX_ERROR_BODY = 64 * 1024  # bytes of an error answer we read to find its message
+MAX_MESSAGE = 500  # characters of an upstream message we pass on
+DRAIN_TIMEOUT = 1.0  # seconds we wait for the end of the body after the last event
+
+
+class SSEParser(abc.ABC):
+    """One answer's SSE events -> provider events, for one API's streaming format."""
+
+    #: The upstream sent its last event (``[DONE]``, ``message_stop``): stop reading.
+    done: bool = False
+
+    @abc.abstractmethod
+    def feed(self, sse: ServerSentEvent) -> list[ProviderEvent]:
+        """The events in one SSE event; raises ProviderError for a malformed or failed answer."""
+
+    @property
+    @abc.abstractmethod
+    def complete(self) -> bool:
+        """The answer is whole (it has its finish reason), even if the connection drops now."""
+
+    @abc.abstractmethod
+    def finish(self) -> Finish:
+        """The final event, once the answer is complete."""
+
+
+class HTTPProvider(Provider):
+    """A provider that POSTs JSON to an HTTP API and reads its answer as SSE.
+
+    ``client`` lets the caller share an ``httpx.AsyncClient``; it must not use
+    HTTP/2 (see the module docstring) and is not closed by :meth:`aclose`.
+    """
+
+    #: The environment variable a user sets for this API's key (named in a 401's message).
+    key_variable = ""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        connect_timeout: float = 10.0,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._connect_timeout = connect_timeout
+        self._client = client
+        self._owns_client = client is None
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"{type(self).__name__}({self.base_url!r}, model={self.default_model!r})"
+
+    async def startup(self) -> None:
+        self._get_client()
+
+    async def aclose(self) -> None:
+        if self._owns_client and self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    def _get_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                http2=False,
+                # Only connecting has a deadline here: the relay owns the time
+                # limits of a generation (max_duration, stall timeouts, cancellation).
+                timeout=httpx.Timeout(None, connect=self._connect_timeout),
+                # No connection cap: admission is the relay's job, and a hidden
+                # pool limit would queue streams without telling anyone.
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+            )
+        return self._client
+
+    async def stream_sse(
+        self, url: str, body: dict[str, Any], headers: dict[str, str], parser: SSEParser
+    ) -> AsyncIterator[ProviderEvent]:
+        """POST ``body`` to ``url`` and yield what ``parser`` makes of the answer, ``Finish`` last."""
+        client = self._get_client()
+        headers = {
+            "accept": "text/event-stream",
+            # A compressed event stream could be buffered by the upstream's encoder.
+            "accept-encoding": "identity",
+            **headers,
+        }
+        socket = _NewSocket()
+        try:
+            async with client.stream(
+                "POST", url, json=body, headers=headers, extensions={"trace": socket.trace}
+            ) as response:
+                socket.answered = True
+                if not response.is_success:
+                    raise await self._status_error(response)
+                decoder = SSEDecoder()
+                async with contextlib.aclosing(response.aiter_bytes()) as chunks:
+                    try:
+                        async for chunk in chunks:
+                            for sse in decoder.decode(chunk):
+                                for event in parser.feed(sse):
+                                    yield event
+                                if parser.done:
+                                    break
+                            if parser.done:
+                                # Read the end of the body so that the connection is
+                                # pooled; one that stays open is closed instead.
+                                with contextlib.suppress(TimeoutError, httpx.HTTPError):
+                                    async with asyncio.timeout(DRAIN_TIMEOUT):
+                                        async for _ in chunks:
+                                            pass
+                                break
+                    except httpx.TransportError as exc:
+                        # An answer with its finish reason is complete, even if the
+                        # connection dropped before the final event.
+                        if not parser.complete:
+                            raise ProviderError(
+                                "upstream_error",
+                                f"the connection to the upstream was lost mid-stream ({describe(exc)})",
+                                retryable=True,
+                            ) from None
+        except httpx.ConnectTimeout:
+            raise ProviderError(
+                "upstream_timeout",
+                f"could not connect to the upstream at {self._where()} within {self._connect_timeout:g} s",
+                retryable=True,
+            ) from None
+        except httpx.ConnectError as exc:
+            raise ProviderError(
+                "upstream_error",
+                f"cannot connect to the upstream at {self._where()} ({describe(exc)}): "
+                "is it running? check --base-url",
+                retryable=True,
+            ) from None
+        except httpx.TimeoutException as exc:
+            raise ProviderError(
+                "upstream_timeout", f"the upstream timed out ({describe(exc)})", retryable=True
+            ) from None
+        except httpx.HTTPError as exc:
+            raise ProviderError(
+                "upstream_error", f"the request to the upstream failed ({describe(exc)})", retryable=True
+            ) from None
+        finally:
+            await socket.close_unless_answered()
+        if not parser.complete:
+            raise ProviderError("upstream_error", "the upstream ended the stream early", retryable=True)
+        yield parser.finish()
+
+    async def _status_error(self, response: httpx.Response) -> ProviderError:
+        body = bytearray()
+        try:
+            async with contextlib.aclosing(response.aiter_bytes()) as chunks:
+                async for chunk in chunks:
+                    body += chunk
+                    if len(body) >= MAX_ERROR_BODY:
+                        break
+        except httpx.HTTPError:
+            pass  # the status says enough
+        status = response.status_code
+        message = self.redact(error_message(bytes(body[:MAX_ERROR_BODY])))
+        text = f"the upstream answered HTTP {status}"
+        if status in (401, 403):
+            text += f" (check the upstream API key: set {self.key_variable} or pass --api-key-env)"
+        if message:
+            text += f": {message}"
+        retry_after = response.headers.get("retry-after")
+        if status == 429 and retry_after:
+            text += f" (retry after {retry_after[:32]} s)"
+        return ProviderError("upstream_error", text, retryable=status == 429 or status >= 500)
+
+    def _where(self) -> str:
+        # The base URL without any user:password@ part.
+        return str(httpx.URL(self.base_url).copy_with(userinfo=b""))
+
+    def redact(self, text: str) -> str:
+        if self._api_key:
+            text = text.replace(self._api_key, "***")
+        return text
+
+
+class _NewSocket:
+    """The socket httpcore opens for one request, closed here if the request never got an answer.
+
+    httpcore 1.0.9 keeps a new HTTP/1.1 connection open (in its pool, state NEW,
+    never used again) when the request is cancelled between connecting and sending
+    its headers: the upstream would hold an idle socket until the pool is closed.
+    Once a response exists, closing it closes the socket and this is not needed.
+    """
+
+    def __init__(self) -> None:
+        self.stream: Any = None
+        self.answered = False
+
+    async def trace(self, event: str, info: dict[str, Any]) -> None:
+        if event == "connection.connect_tcp.complete":
+            self.stream = info.get("return_value")
+
+    async def close_unless_answered(self) -> None:
+        if self.stream is not None and not self.answered:
+            # Closing a socket httpcore closed already does nothing.
+            with contextlib.suppress(Exception):
+                await self.stream.aclose()
+
+
+def malformed(what: str) -> ProviderError:
+    return ProviderError("upstream_error", f"the upstream sent {what}", retryable=False)
+
+
+def one_line(text: str) -> str:
+    """An upstream's message, on one line and cut to a length we pass on."""
+    return " ".join(text.split())[:MAX_MESSAGE]
+
+
+def error_message(body: bytes) -> str:
+    """The message of an error answer: OpenAI, llama.cpp and Anthropic ``{"error": {"message"}}``,
+    vLLM ``{"message"}``, Ollama ``{"error": "..."}``, or the body's text."""
+    try:
+        message = message_of(json.loads(body))
+    except (ValueError, RecursionError):
+        message = None
+    if message is None:
+        message = body.decode("utf-8", "replace")
+    return one_line(message)
+
+
+def message_of(payload: Any) -> str | None:
+    if not isinstance(payload, dict):
+        return None
+    error = payload.get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    if isinstance(error, str):
+        return error
+    if isinstance(payload.get("message"), str):
+        return payload["message"]
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    # httpx's ReadError for a reset connection has no text of its own: ask its causes.
+    cause: BaseException | None = exc
+    while cause is not None:
+        if str(cause):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    return type(exc).__name__
