@@ -35,7 +35,17 @@ from test_relay import (  # noqa: F401
     test_upstream_failure_ends_the_stream_with_one_error_event,
     test_upstream_that_closes_after_its_finish_reason_still_finishes,
 )
-from tokenwire import Finish, GenerationRequest, ProviderError, Reasoning, Settings, Token, Usage, create_app
+from tokenwire import (
+    Finish,
+    GenerationRequest,
+    ProviderError,
+    Reasoning,
+    Settings,
+    Token,
+    Usage,
+    UsageUpdate,
+    create_app,
+)
 from tokenwire.providers._http import HTTPProvider
 from tokenwire.providers.anthropic import AnthropicProvider
 from tokenwire.providers.openai import OpenAIProvider
@@ -266,8 +276,10 @@ async def opened(provider: HTTPProvider) -> AsyncIterator[HTTPProvider]:
 
 
 async def consume(provider: HTTPProvider, events: list[Any], request: GenerationRequest = REQUEST) -> None:
+    """The content events (running usage updates are checked on their own)."""
     async for event in provider.stream(request):
-        events.append(event)
+        if not isinstance(event, UsageUpdate):
+            events.append(event)
 
 
 async def wait_closed(fake: FakeOpenAIUpstream, since: float) -> float:
@@ -282,7 +294,10 @@ def test_closing_the_generator_closes_the_socket(backend: Backend) -> None:
     async def main() -> None:
         async with opened(backend.create()) as provider:
             events = provider.stream(REQUEST)
-            assert isinstance(await anext(events), Token)
+            first = await anext(events)
+            while isinstance(first, UsageUpdate):
+                first = await anext(events)
+            assert isinstance(first, Token)
             closed_at = time.monotonic()
             await events.aclose()  # type: ignore[attr-defined]
             assert await wait_closed(backend.fake, closed_at) < CLOSE_BOUND
@@ -507,3 +522,19 @@ def test_settings_create_an_anthropic_provider(monkeypatch: pytest.MonkeyPatch) 
     assert (provider.url, provider.default_model) == ("https://api.anthropic.com/v1/messages", "claude-x")
     assert provider._headers()["x-api-key"] == "sk-from-env"
     assert provider._connect_timeout == 3.0
+
+
+def test_running_usage_is_reported_as_it_arrives() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return sse_answer(start(input_tokens=5), text("AB"), ("message_delta", {"delta": {}, "usage": {"output_tokens": 3}}),
+                          text("C"), end(output_tokens=4))(request)
+
+    async def main() -> list[Any]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            provider = AnthropicProvider("http://upstream.test", client=client)
+            return [e async for e in provider.stream(REQUEST)]
+
+    events = run_async(main)
+    updates = [e.usage for e in events if isinstance(e, UsageUpdate)]
+    assert updates == [Usage(0, prompt_tokens=5), Usage(3, prompt_tokens=5), Usage(4, prompt_tokens=5)]
+    assert events[-1] == Finish("stop", Usage(4, prompt_tokens=5))

@@ -3,7 +3,7 @@
 from ._app import create_app
 from ._client import stream_tokens
 from ._config import Settings
-from ._events import Done, Error, Finish, Queued, Reasoning, Start, Token, Usage, encode_event
+from ._events import Done, Error, Finish, Queued, Reasoning, Start, Token, Usage, UsageUpdate, encode_event
 from ._exceptions import (
     ClientError,
     ConfigError,
@@ -44,6 +44,7 @@ __all__ = [
     "TokenwireError",
     "TokenwireHTTPError",
     "Usage",
+    "UsageUpdate",
     "create_app",
     "encode_event",
     "stream_tokens",

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--auth-keys-file", help="require 'Authorization: Bearer <key>' with a key from this file")
     serve.add_argument("--max-streams", type=int, help="streams running at once before 503 (512)")
     serve.add_argument("--max-streams-per-key", type=int, help="streams per API key before 429 (32)")
+    serve.add_argument("--config", help="routes file (TOML): model -> provider, base_url, model, api_key_env")
     serve.add_argument("--cors-origins", help="comma-separated origins allowed to call the API (CORS off by default)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
@@ -72,7 +73,7 @@ def serve(args: argparse.Namespace) -> int:
             "host", "port", "provider", "base_url", "model", "model_path", "api_key_env", "heartbeat",
             "max_duration", "resume_grace", "send_timeout", "store", "log_level", "first_token_timeout",
             "idle_timeout", "connect_timeout", "max_body", "auth_keys_file", "max_streams", "max_streams_per_key",
-            "cors_origins",
+            "cors_origins", "config",
         )
     }
     settings = Settings.from_env(**overrides)

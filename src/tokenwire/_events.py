@@ -87,6 +87,18 @@ class Finish:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageUpdate:
+    """A provider's running usage, as it learns it (never sent to clients).
+
+    The relay keeps the last one so that a ``done`` for a cancelled or timed-out
+    stream carries what the provider will bill, not only what the relay counted.
+    """
+
+    usage: Usage
+    type: Literal["usage"] = field(default="usage", init=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     finish_reason: FinishReason
     usage: Usage
@@ -110,7 +122,7 @@ class Error:
         }
 
 
-ProviderEvent = Union[Queued, Token, Reasoning, Finish]
+ProviderEvent = Union[Queued, Token, Reasoning, UsageUpdate, Finish]
 StreamEvent = Union[Start, Queued, Token, Reasoning, Done, Error]
 TERMINAL_TYPES = frozenset({"done", "error"})
 

@@ -29,10 +29,12 @@ from ._events import (
     Error,
     Finish,
     Queued,
+    Reasoning,
     Start,
     StreamEvent,
     Token,
     Usage,
+    UsageUpdate,
     encode_event,
     encode_token_event,
 )
@@ -301,7 +303,11 @@ class Relay:
         tokens = 0
         phase = "before_first_token"
         last_token_at = generation.started
+        reported = Usage(0)  # the provider's running usage, if it gives one
         terminal: StreamEvent | None = None
+
+        def usage_so_far() -> Usage:
+            return Usage(max(tokens, reported.completion_tokens), reported.prompt_tokens)
         metrics.streams_started += 1
         metrics.active_streams += 1
 
@@ -336,22 +342,28 @@ class Relay:
                             seq += 1
                             await store.append(stream_id, seq, encode_token_event(seq, event.text))  # type: ignore[union-attr]
                         elif kind is Finish:
-                            terminal = Done(event.finish_reason, event.usage or Usage(tokens))  # type: ignore[union-attr]
+                            terminal = Done(event.finish_reason, event.usage or usage_so_far())  # type: ignore[union-attr]
                             break
+                        elif kind is UsageUpdate:
+                            reported = event.usage  # type: ignore[union-attr]
                         else:
                             if kind is Queued:
                                 phase = "queued"
                                 stall.reschedule(None)  # waiting for the model is bounded by the deadline
                             elif phase == "queued":
                                 phase = "before_first_token"
-                            if tokens == 0 and kind is not Queued:
+                            if kind is Reasoning:  # output too: the upstream is not stalled
+                                stall.reschedule(
+                                    loop.time() + (options.idle_timeout if tokens else options.first_token_timeout)
+                                )
+                            elif tokens == 0 and kind is not Queued:
                                 stall.reschedule(loop.time() + options.first_token_timeout)
                             await emit(event)  # type: ignore[arg-type]
                 if terminal is None:
                     terminal = Error("upstream_error", "the model ended the stream without finishing it", True)
             except TimeoutError:
                 if deadline.expired():
-                    terminal = Done("timeout", Usage(tokens))
+                    terminal = Done("timeout", usage_so_far())
                 elif stall.expired():
                     limit, what = (
                         (options.idle_timeout, "between two tokens")
@@ -367,7 +379,7 @@ class Relay:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 task.uncancel()
-            terminal = Done("cancelled", Usage(tokens))
+            terminal = Done("cancelled", usage_so_far())
         except ProviderError as exc:
             terminal = Error(exc.error_type, exc.message, exc.retryable)
         except Exception:
@@ -381,7 +393,7 @@ class Relay:
             if generation.grace_timer is not None:
                 generation.grace_timer.cancel()
             if terminal is None:
-                terminal = Done("cancelled", Usage(tokens))
+                terminal = Done("cancelled", usage_so_far())
             await emit(terminal)
             metrics.active_streams -= 1
             self._count_outcome(terminal, phase)

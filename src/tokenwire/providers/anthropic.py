@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from .._events import Finish, FinishReason, ProviderEvent, Reasoning, Token, Usage
+from .._events import Finish, FinishReason, ProviderEvent, Reasoning, Token, Usage, UsageUpdate
 from .._exceptions import ProviderError
 from .._sse import ServerSentEvent
 from ._http import HTTPProvider, SSEParser, malformed, one_line
@@ -139,6 +139,7 @@ class _EventParser(SSEParser):
             return self._delta(_object(payload, "content_block"))
         if kind == "message_start":
             self._usage(_object(_object(payload, "message"), "usage"), output=False)
+            return [self._running_usage()]
         elif kind == "message_delta":
             reason = _object(payload, "delta").get("stop_reason")
             if reason is not None:
@@ -146,6 +147,7 @@ class _EventParser(SSEParser):
                     raise malformed("a message_delta whose stop_reason is not a string")
                 self.stop_reason = reason
             self._usage(_object(payload, "usage"), output=True)
+            return [self._running_usage()]
         elif kind == "message_stop":
             self.done = True
         elif kind == "error":
@@ -169,6 +171,9 @@ class _EventParser(SSEParser):
         if event is Token:
             self.tokens += 1
         return [event(text)]
+
+    def _running_usage(self) -> UsageUpdate:
+        return UsageUpdate(Usage(completion_tokens=self.output_tokens or 0, prompt_tokens=self.prompt_tokens))
 
     def _usage(self, usage: dict[str, Any], *, output: bool) -> None:
         counts = {}
