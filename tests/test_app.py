@@ -7,8 +7,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fakes import active_streams, iter_events, serve_app, wait_until
 
+from fakes import active_streams, iter_events, serve_app, wait_until
 from tokenwire import ScriptedProvider, Settings, create_app
 
 KEYS = "alice sk-alice-0123456789\nbob sk-bob-9876543210  # a comment\n"

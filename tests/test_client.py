@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -10,8 +9,8 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from fakes import run_async, serve_app, wait_until
 
+from fakes import run_async, serve_app, wait_until
 from tokenwire import ScriptedProvider, Settings, TokenwireHTTPError, create_app, stream_tokens
 from tokenwire.providers.scripted import split_tokens
 

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from fakes import iter_events, serve_app, wait_until
 
+from fakes import iter_events, serve_app, wait_until
 from tokenwire import Settings, create_app
 from tokenwire.providers.local import bundled_model_path
 from tokenwire.providers.openai import OpenAIProvider

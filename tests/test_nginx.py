@@ -35,13 +35,13 @@ from typing import Any
 
 import httpx
 import pytest
-from fakes import serve_app
-from nginx import require_nginx, run_nginx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
+from fakes import serve_app
+from nginx import require_nginx, run_nginx
 from tokenwire import ScriptedProvider, Settings, SSEDecoder, create_app
 
 TOKENS = [f" token{i}" for i in range(8)]

@@ -11,14 +11,13 @@ import asyncio
 import contextlib
 import json
 import socket
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
-from fakes import FakeOpenAIUpstream, active_streams, iter_events, run_async, serve_app, wait_until
 
+from fakes import FakeOpenAIUpstream, active_streams, iter_events, run_async, serve_app, wait_until
 from tokenwire import Finish, GenerationRequest, ProviderError, Reasoning, Settings, Token, Usage, create_app
 from tokenwire.providers.openai import MAX_ERROR_BODY, OpenAIProvider
 
@@ -161,85 +160,8 @@ async def wait_closed(fake: FakeOpenAIUpstream, since: float) -> float:
     return closed_at - since
 
 
-def test_closing_the_generator_closes_the_socket(upstream: FakeOpenAIUpstream) -> None:
-    upstream.configure(tokens=[f" t{i}" for i in range(1000)], interval=0.005)
-
-    async def main() -> None:
-        async with opened(OpenAIProvider(upstream.url + "/v1")) as provider:
-            events = provider.stream(REQUEST)
-            assert isinstance(await anext(events), Token)
-            closed_at = time.monotonic()
-            await events.aclose()  # type: ignore[attr-defined]
-            assert await wait_closed(upstream, closed_at) < CLOSE_BOUND
-
-    run_async(main)
-    assert not upstream.requests[-1].completed
-
-
-@pytest.mark.parametrize("phase", ["mid-stream", "first_token_delay", "headers_delay"])
-def test_cancelling_the_consumer_closes_the_socket(upstream: FakeOpenAIUpstream, phase: str) -> None:
-    if phase == "mid-stream":
-        upstream.configure(tokens=[f" t{i}" for i in range(1000)], interval=0.005)
-    else:
-        upstream.configure(**{phase: 30.0})
-
-    async def main() -> None:
-        async with opened(OpenAIProvider(upstream.url + "/v1")) as provider:
-            events: list[Any] = []
-            task = asyncio.create_task(consume(provider, events))
-            await asyncio.to_thread(upstream.wait_request)
-            if phase == "mid-stream":
-                await asyncio.to_thread(wait_until, lambda: len(events) >= 3)
-            cancelled_at = time.monotonic()
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            assert await wait_closed(upstream, cancelled_at) < CLOSE_BOUND
-
-    run_async(main)
-
-
-def test_cancelling_at_every_step_of_a_request_leaves_no_socket_open(upstream: FakeOpenAIUpstream) -> None:
-    # Cancels after 0, 1, 2 … event-loop steps: while connecting, between connecting and
-    # sending (httpcore leaves that connection open by itself), while sending, while waiting.
-    upstream.configure(first_token_delay=30.0)
-    started = time.monotonic()
-
-    async def main() -> None:
-        async with opened(OpenAIProvider(upstream.url + "/v1")) as provider:
-            for steps in range(40):
-                task = asyncio.create_task(consume(provider, []))
-                for _ in range(steps):
-                    await asyncio.sleep(0)
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
-            def left_open() -> list[Any]:
-                return [c for c in upstream.connections if c.opened_at >= started and c.closed_at is None]
-
-            assert await asyncio.to_thread(wait_until, lambda: not left_open(), 2.0), (
-                f"{len(left_open())} of {len(upstream.connections)} upstream connections left open"
-            )
-
-    run_async(main)
-
-
-def test_a_finished_stream_leaves_its_connection_pooled_for_the_next(upstream: FakeOpenAIUpstream) -> None:
-    async def main() -> None:
-        provider = OpenAIProvider(upstream.url + "/v1")
-        await provider.startup()
-        first: list[Any] = []
-        second: list[Any] = []
-        await consume(provider, first)
-        await consume(provider, second)
-        assert first == second == [Token("Hello"), Token(","), Token(" world"), Token("!"),
-                                   Finish("stop", Usage(completion_tokens=4, prompt_tokens=11))]
-        one, two = upstream.requests
-        assert one.connection is two.connection and one.closed_at is None
-        await provider.aclose()  # the pool goes, and its connection with it
-        assert await wait_closed(upstream, time.monotonic()) < CLOSE_BOUND
-
-    run_async(main)
+# Closing or cancelling at any step closes the socket; a finished stream's connection
+# is pooled: tested for every HTTP provider in test_anthropic_provider.py (backend fixture).
 
 
 def test_a_client_passed_in_stays_open(upstream: FakeOpenAIUpstream) -> None:

@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from fakes import FakeOpenAIUpstream, active_streams, iter_events, serve_app, wait_until
 
+from fakes import FakeOpenAIUpstream, active_streams, iter_events, serve_app, wait_until
 from tokenwire import Settings, create_app
 from tokenwire.providers.openai import OpenAIProvider
 

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from fakes import run_async
-
 from tokenwire import GenerationRequest, Provider, Relay, RelayOptions, Token, Usage, UsageUpdate
 from tokenwire._events import ProviderEvent
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import httpx
 import pytest
+
 from fakes import FakeOpenAIUpstream, iter_events, serve_app, wait_until
 from nginx import Nginx, require_nginx, run_nginx
 from redis_server import redis_url_fixture
-
 from tokenwire import Settings, create_app
 from tokenwire.providers.openai import OpenAIProvider
 

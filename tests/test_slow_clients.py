@@ -12,8 +12,8 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from fakes import active_streams, serve_app, wait_until
 
+from fakes import active_streams, serve_app, wait_until
 from tokenwire import ScriptedProvider, Settings, create_app
 
 SEND_TIMEOUT = 1.0

@@ -24,7 +24,7 @@ from tokenwire._events import (
     encode_event,
     encode_token_event,
 )
-from tokenwire._sse import KEEPALIVE, SSEDecoder, ServerSentEvent, encode_retry
+from tokenwire._sse import KEEPALIVE, ServerSentEvent, SSEDecoder, encode_retry
 
 CASES_PATH = Path(__file__).parent / "fixtures" / "sse" / "cases.json"
 CASES: list[dict[str, Any]] = json.loads(CASES_PATH.read_text(encoding="utf-8"))

@@ -17,8 +17,8 @@ from contextlib import asynccontextmanager, suppress
 from typing import TypeVar
 
 import pytest
-from redis_server import redis_url_fixture
 
+from redis_server import redis_url_fixture
 from tokenwire import ConfigError
 from tokenwire.stores.base import LogLimits, LogTrimmed, ReadResult, StreamMeta, StreamNotFound, StreamStore
 from tokenwire.stores.memory import MemoryStore

@@ -24,9 +24,9 @@ import logging
 import secrets
 from typing import TYPE_CHECKING
 
-from ._sse import KEEPALIVE, encode_retry
 from starlette.responses import JSONResponse
 
+from ._sse import KEEPALIVE, encode_retry
 from .stores.base import LogTrimmed, ReadResult, StreamNotFound
 
 if TYPE_CHECKING:

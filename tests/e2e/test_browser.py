@@ -10,8 +10,8 @@ import json
 import time
 
 import pytest
-from fakes import serve_app, wait_until
 
+from fakes import serve_app, wait_until
 from tokenwire import ScriptedProvider, create_app
 
 pytestmark = pytest.mark.slow
