@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--heartbeat", type=float, help="seconds of silence before a keepalive comment (15)")
     serve.add_argument("--max-duration", type=float, help="deadline of one generation in seconds (600)")
     serve.add_argument("--resume-grace", type=float, help="seconds a resumable stream outlives its client (30)")
+    serve.add_argument("--retry-ms", type=int, help="reconnection delay sent to clients as 'retry:' (1000)")
     serve.add_argument("--send-timeout", type=float, help="drop a client that stops reading after S s (30)")
     serve.add_argument("--store", help="memory or redis://HOST:PORT/DB (default memory)")
     serve.add_argument("--first-token-timeout", type=float, help="upstream silence before the first token (120)")
@@ -73,7 +74,7 @@ def serve(args: argparse.Namespace) -> int:
             "host", "port", "provider", "base_url", "model", "model_path", "api_key_env", "heartbeat",
             "max_duration", "resume_grace", "send_timeout", "store", "log_level", "first_token_timeout",
             "idle_timeout", "connect_timeout", "max_body", "auth_keys_file", "max_streams", "max_streams_per_key",
-            "cors_origins", "config",
+            "cors_origins", "config", "retry_ms",
         )
     }
     settings = Settings.from_env(**overrides)

@@ -4,13 +4,16 @@ It speaks only PROTOCOL.md.  With ``resume=True`` it behaves like a careful
 ``EventSource``: after a network error or a cut stream (no terminal event) it
 reconnects with ``GET /api/stream/{id}`` and ``Last-Event-ID``, backing off from
 the server's ``retry:``; it never re-POSTs a generation; and when the caller
-cancels it sends ``DELETE`` so that the generation stops at once.
+cancels it sends ``DELETE`` so that the generation stops at once.  Its POST
+carries an ``Idempotency-Key`` (the caller's, or a random one), so that a POST
+cut before the answer named its stream can be sent again safely.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -46,12 +49,16 @@ async def stream_tokens(
     headers = dict(headers or {})
     state = _State()
     body = dict(body)
+    post_headers = {**headers, "accept": "text/event-stream"}
     if resume:
         body.setdefault("resumable", True)
+        # A POST cut before its answer named the stream can then be sent again:
+        # the server attaches it to the generation it started, never a second one.
+        if not any(name.lower() == "idempotency-key" for name in headers):
+            post_headers["idempotency-key"] = secrets.token_urlsafe(16)
+    post = http.build_request("POST", url, json=body, headers=post_headers)
     try:
-        request = http.build_request(
-            "POST", url, json=body, headers={**headers, "accept": "text/event-stream"}
-        )
+        request = post
         attempt = 0
         while True:
             try:
@@ -61,11 +68,17 @@ async def stream_tokens(
                     if event.get("type") in TERMINAL:
                         return
                 raise StreamCut("the stream ended without a done or error event")
-            except RETRYABLE:
-                if not resume or state.stream_id is None or attempt >= max_retries:
+            except RETRYABLE as exc:
+                if not resume or attempt >= max_retries:
                     raise
+                if state.stream_id is None and isinstance(exc, httpx.ConnectError):
+                    raise  # nothing was started: a wrong URL or a server that is down
+
             attempt += 1
             await asyncio.sleep(min(state.retry_ms / 1000 * 2 ** (attempt - 1), 30.0))
+            if state.stream_id is None:
+                request = post
+                continue
             request = http.build_request(
                 "GET",
                 f"{url.rstrip('/')}/{state.stream_id}",
@@ -104,9 +117,10 @@ async def _follow(
         state.stream_id = response.headers.get("x-stream-id", state.stream_id)
         decoder = SSEDecoder()
         async for chunk in response.aiter_raw():
-            for sse in decoder.decode(chunk):
-                if decoder.retry is not None:
-                    state.retry_ms = decoder.retry
+            events = decoder.decode(chunk)
+            if decoder.retry is not None:
+                state.retry_ms = decoder.retry
+            for sse in events:
                 if sse.id.isdigit():
                     seq = int(sse.id)
                     if seq <= state.last_seq:

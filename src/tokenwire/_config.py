@@ -23,6 +23,7 @@ class Settings:
     heartbeat: float = 15.0
     max_duration: float = 600.0
     resume_grace: float = 30.0
+    retry_ms: int = 1000
     send_timeout: float = 30.0
     first_token_timeout: float = 120.0
     idle_timeout: float = 60.0
@@ -63,7 +64,7 @@ class Settings:
                      "connect_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds")
-        for name in ("max_streams", "max_streams_per_key", "max_body"):
+        for name in ("max_streams", "max_streams_per_key", "max_body", "retry_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.resume_grace < 0:
@@ -79,6 +80,7 @@ class Settings:
             send_timeout=self.send_timeout,
             first_token_timeout=self.first_token_timeout,
             idle_timeout=self.idle_timeout,
+            retry_ms=self.retry_ms,
         )
 
     def cors_origin_list(self) -> list[str]:

@@ -271,6 +271,36 @@ test("resume: reconnects with GET and Last-Event-ID after a reset and gets the r
   assert.equal(seen.filter((r) => r.method === "DELETE").length, 0, "no DELETE after done");
 });
 
+test("resume: a POST cut before its answer is sent again with the same Idempotency-Key", async () => {
+  let posts = 0;
+  routes.set("POST /api/k1", (req, res) => {
+    posts += 1;
+    if (posts === 1) {
+      res.destroy(); // no status line: the client cannot know the stream's id
+      return;
+    }
+    res.writeHead(200, { ...SSE_HEADERS, "x-stream-id": "k1" });
+    res.end(ev(1, start("k1")) + ev(2, token("a")) + ev(3, done()));
+  });
+  const got = [];
+  for await (const e of streamTokens(`${base}/api/k1`, { body: { prompt: "x" }, resume: true })) got.push(e);
+  assert.deepEqual(got, [start("k1"), token("a"), done()]);
+  const requests = seen.filter((r) => r.url === "/api/k1");
+  assert.equal(requests.length, 2);
+  const [first, second] = requests.map((r) => r.headers["idempotency-key"]);
+  assert.ok(first && first.length >= 16, "a random key is sent");
+  assert.equal(second, first, "the retry carries the same key");
+});
+
+test("without resume a POST gets no Idempotency-Key of its own", async () => {
+  routes.set("POST /api/k2", (req, res) => {
+    res.writeHead(200, { ...SSE_HEADERS, "x-stream-id": "k2" });
+    res.end(ev(1, start("k2")) + ev(2, done()));
+  });
+  for await (const e of streamTokens(`${base}/api/k2`, { body: { prompt: "x" } })) assert.ok(e);
+  assert.equal(seen.find((r) => r.url === "/api/k2").headers["idempotency-key"], undefined);
+});
+
 test("resume: a clean end without done reconnects too, with backoff over failed attempts", async () => {
   routes.set("POST /api/r2", (req, res) => {
     res.writeHead(200, SSE_HEADERS);

@@ -317,17 +317,26 @@ export async function* streamTokens(url, options = {}) {
     const postHeaders = new Headers(headers);
     postHeaders.set("content-type", "application/json");
     postHeaders.set("accept", "text/event-stream");
+    // With resume, a POST cut before its answer can be sent again: the key makes the server
+    // attach it to the generation it already started instead of starting a second one.
+    if (resume && !postHeaders.has("idempotency-key")) postHeaders.set("idempotency-key", randomKey());
     let response;
-    try {
-      response = await fetchImpl(url, {
-        method: "POST",
-        headers: postHeaders,
-        body: JSON.stringify(body ?? {}),
-        signal,
-      });
-    } catch (err) {
-      if (signal?.aborted) return;
-      throw new TokenwireError(`request failed: ${errorMessage(err)}`, { type: "network_error", cause: err });
+    for (let attempt = 0; ; attempt++) {
+      try {
+        response = await fetchImpl(url, {
+          method: "POST",
+          headers: postHeaders,
+          body: JSON.stringify(body ?? {}),
+          signal,
+        });
+        break;
+      } catch (err) {
+        if (signal?.aborted) return;
+        if (!resume || attempt >= MAX_RESUME_ATTEMPTS) {
+          throw new TokenwireError(`request failed: ${errorMessage(err)}`, { type: "network_error", cause: err });
+        }
+        if (!(await sleep(DEFAULT_RETRY_MS * 2 ** attempt, signal))) return;
+      }
     }
     if (!(await checkResponse(response, signal))) return;
     let resumeAttempts = 0;
@@ -488,6 +497,12 @@ function sleep(ms, signal) {
     }, ms);
     signal?.addEventListener("abort", onAbort, { once: true });
   });
+}
+
+/** A random Idempotency-Key (crypto.randomUUID needs a secure context; localhost is one). */
+function randomKey() {
+  if (globalThis.crypto?.randomUUID) return globalThis.crypto.randomUUID();
+  return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}${Math.random().toString(36).slice(2)}`;
 }
 
 /** @param {unknown} err */
