@@ -172,7 +172,9 @@ def test_stop_after_a_reconnect_cancels_the_generation(demo, proxy, app):
     generated = events[-1]["usage"]["completion_tokens"]
     assert len(shown.split(" ")) <= generated < 200
     assert generated - len(shown.split(" ")) <= 20  # cancelled promptly (20 tokens per second)
-    assert wait_until(
-        lambda: [m for m, _, _ in stream_requests(proxy, mark)] == ["DELETE", "GET", "POST"], timeout=3
-    ), stream_requests(proxy, mark)
+    # A DELETE went out, and never a second POST (on a loaded machine the client may have
+    # needed more than one GET to get back in: that is its backoff working, not a fault).
+    assert wait_until(lambda: "DELETE" in [m for m, _, _ in stream_requests(proxy, mark)], timeout=3)
+    methods = [m for m, _, _ in stream_requests(proxy, mark)]
+    assert methods.count("POST") == 1 and methods.count("GET") >= 1, methods
     assert wait_until(lambda: app.state.relay.active_streams == 0, timeout=3), "streams still active"
