@@ -63,3 +63,16 @@ def test_bad_requests_say_what_to_fix(body, param, words):
     assert error.param == param
     assert words in error.message
     assert error.to_dict()["error"]["message"] == error.message
+
+
+def test_one_message_over_the_limit_is_413():
+    from tokenwire._validation import MAX_MESSAGE_CHARS
+
+    for body, param in (
+        ({"prompt": "x" * (MAX_MESSAGE_CHARS + 1)}, "prompt"),
+        ({"messages": [{"role": "user", "content": "x" * (MAX_MESSAGE_CHARS + 1)}]}, "messages[0].content"),
+    ):
+        with pytest.raises(RequestError) as caught:
+            parse_stream_request(body)
+        assert (caught.value.status, caught.value.error_type, caught.value.param) == (413, "too_large", param)
+    assert parse_stream_request({"prompt": "x" * MAX_MESSAGE_CHARS}).generation.messages

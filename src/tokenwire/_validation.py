@@ -15,6 +15,7 @@ FIELDS = frozenset(
 MAX_MESSAGES = 1000
 MAX_STOP = 8
 MAX_TOKENS_LIMIT = 1_000_000
+MAX_MESSAGE_CHARS = 256 * 1024  # one message; the whole body is bounded by --max-body
 
 
 class RequestError(Exception):
@@ -60,6 +61,10 @@ def parse_stream_request(body: Any) -> StreamRequest:
         prompt = body["prompt"]
         if not isinstance(prompt, str) or not prompt:
             raise invalid("'prompt' must be a non-empty string", "prompt")
+        if len(prompt) > MAX_MESSAGE_CHARS:
+            raise RequestError(
+                413, "too_large", f"'prompt' has {len(prompt)} characters; at most {MAX_MESSAGE_CHARS}", "prompt"
+            )
         messages = [{"role": "user", "content": prompt}]
     elif has_messages:
         messages = _messages(body["messages"])
@@ -109,6 +114,11 @@ def _messages(value: Any) -> list[dict[str, str]]:
             raise invalid(f"{param}.role must be one of {', '.join(ROLES)}", f"{param}.role")
         if not isinstance(content, str):
             raise invalid(f"{param}.content must be a string", f"{param}.content")
+        if len(content) > MAX_MESSAGE_CHARS:
+            raise RequestError(
+                413, "too_large", f"{param}.content has {len(content)} characters; at most {MAX_MESSAGE_CHARS}",
+                f"{param}.content",
+            )
         extra = sorted(set(message) - {"role", "content"})
         if extra:
             raise invalid(f"{param} has an unknown field {extra[0]!r}", f"{param}.{extra[0]}")
