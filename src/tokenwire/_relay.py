@@ -110,6 +110,8 @@ class Relay:
         self._running: dict[str, _Generation] = {}
         self._housekeeping: set[asyncio.Task[None]] = set()
         self._per_principal: dict[str, int] = {}
+        self._writers: set[EventStreamResponse] = set()
+        self._sweeper: asyncio.Task[None] | None = None
         self.metrics = Metrics()
         self._started = False
 
@@ -123,10 +125,37 @@ class Relay:
         await self.provider.startup()
         self._started = True
 
+    def watch_writes(self, response: EventStreamResponse) -> None:
+        """Drop ``response`` if one of its writes stays pending past the send timeout."""
+        self._writers.add(response)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep_stuck_writers(), name="tokenwire-send-timeouts")
+
+    def unwatch_writes(self, response: EventStreamResponse) -> None:
+        self._writers.discard(response)
+        if not self._writers and self._sweeper is not None:
+            self._sweeper.cancel()  # nothing to watch: no task left behind
+            self._sweeper = None
+
+    async def _sweep_stuck_writers(self) -> None:
+        # One timer for every response instead of one per write: a write costs two
+        # attribute stores, and a stuck client is dropped within 1.25 send timeouts.
+        loop = asyncio.get_running_loop()
+        timeout = self.options.send_timeout
+        while True:
+            await asyncio.sleep(min(timeout / 4, 1.0))
+            now = loop.time()
+            for response in list(self._writers):
+                since = response.pending_since
+                if since is not None and now - since >= timeout:
+                    response.drop()
+
     async def aclose(self) -> None:
         """Cancel every generation, wait for their logs to end, release all."""
         for task in list(self._housekeeping):
             task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         tasks = [g.task for g in self._running.values() if g.task is not None]
         for task in tasks:
             task.cancel()
@@ -322,11 +351,11 @@ class Relay:
                 raise asyncio.CancelledError
             stream = self.provider.stream(request)
             deadline = asyncio.timeout(options.max_duration)
-            # One timer for "no token yet" and "no token lately": re-armed per token,
-            # so heartbeats to the client never hide a stalled upstream.
-            stall = asyncio.timeout(options.first_token_timeout)
+            # One watch for "no token yet" and "no token lately", moved by every token, so
+            # that heartbeats to the client never hide a stalled upstream.
+            stall = _StallWatch(loop, options.first_token_timeout)
             try:
-                async with deadline, stall:
+                async with deadline:
                     async for event in stream:
                         kind = type(event)
                         if kind is Token:
@@ -337,7 +366,7 @@ class Relay:
                                 metrics.time_to_first_token.observe(now - generation.started)
                                 phase = "mid_stream"
                             last_token_at = now
-                            stall.reschedule(now + options.idle_timeout)
+                            stall.move(now + options.idle_timeout)
                             tokens += 1
                             seq += 1
                             await store.append(stream_id, seq, encode_token_event(seq, event.text))  # type: ignore[union-attr]
@@ -349,36 +378,36 @@ class Relay:
                         else:
                             if kind is Queued:
                                 phase = "queued"
-                                stall.reschedule(None)  # waiting for the model is bounded by the deadline
-                            elif phase == "queued":
-                                phase = "before_first_token"
-                            if kind is Reasoning:  # output too: the upstream is not stalled
-                                stall.reschedule(
-                                    loop.time() + (options.idle_timeout if tokens else options.first_token_timeout)
-                                )
-                            elif tokens == 0 and kind is not Queued:
-                                stall.reschedule(loop.time() + options.first_token_timeout)
+                                stall.move(None)  # waiting for the model is bounded by the deadline
+                            else:
+                                if phase == "queued":
+                                    phase = "before_first_token"
+                                # Reasoning is output too; any other event before the first
+                                # token restarts the wait for it.
+                                wait = options.idle_timeout if tokens else options.first_token_timeout
+                                stall.move(loop.time() + wait)
                             await emit(event)  # type: ignore[arg-type]
                 if terminal is None:
                     terminal = Error("upstream_error", "the model ended the stream without finishing it", True)
             except TimeoutError:
-                if deadline.expired():
-                    terminal = Done("timeout", usage_so_far())
-                elif stall.expired():
-                    limit, what = (
-                        (options.idle_timeout, "between two tokens")
-                        if tokens
-                        else (options.first_token_timeout, "before the first token")
-                    )
-                    terminal = Error("upstream_timeout", f"the model sent nothing for {limit:g} s {what}", True)
-                else:
+                if not deadline.expired():
                     raise
+                terminal = Done("timeout", usage_so_far())
+            except asyncio.CancelledError:
+                if not stall.expired:
+                    raise
+                _uncancel()
+                limit, what = (
+                    (options.idle_timeout, "between two tokens")
+                    if tokens
+                    else (options.first_token_timeout, "before the first token")
+                )
+                terminal = Error("upstream_timeout", f"the model sent nothing for {limit:g} s {what}", True)
             finally:
+                stall.close()
                 await stream.aclose()  # type: ignore[attr-defined]
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                task.uncancel()
+            _uncancel()
             terminal = Done("cancelled", usage_so_far())
         except ProviderError as exc:
             terminal = Error(exc.error_type, exc.message, exc.retryable)
@@ -424,6 +453,63 @@ class Relay:
             tokens,
             elapsed * 1000,
         )
+
+
+def _uncancel() -> None:
+    """We own this task and end it ourselves: forget the cancellation we are handling."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        task.uncancel()
+
+
+class _StallWatch:
+    """A deadline that the token path moves by writing a float.
+
+    Its single timer is re-armed lazily, when it fires early, instead of once per
+    token (``asyncio.Timeout.reschedule`` pushes a timer onto the heap each time).
+    When it expires it cancels the generation task and says so in ``expired``.
+    """
+
+    __slots__ = ("deadline", "expired", "_loop", "_task", "_handle", "_armed_at")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._loop = loop
+        self._task = asyncio.current_task()
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_at = 0.0
+        self.expired = False
+        self.deadline: float | None = None
+        self.move(loop.time() + timeout)
+
+    def move(self, deadline: float | None) -> None:
+        self.deadline = deadline
+        if deadline is None:
+            return  # the armed timer, if any, finds no deadline and stops
+        if self._handle is None or deadline < self._armed_at:
+            self._arm(deadline)
+
+    def _arm(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._armed_at = when
+        self._handle = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        deadline = self.deadline
+        if deadline is None:
+            return
+        if self._loop.time() >= deadline:
+            self.expired = True
+            assert self._task is not None
+            self._task.cancel("the upstream stalled")
+        else:
+            self._arm(deadline)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 def _principal_label(principal: str) -> str:

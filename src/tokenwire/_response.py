@@ -68,6 +68,10 @@ class EventStreamResponse:
         self.after = after
         self.headers = headers or []
         self.reader_id = secrets.token_hex(8)
+        self.pending_since: float | None = None  # loop time a write began, while it is pending
+        self.writer: asyncio.Task[object] | None = None
+        self.dropped = False
+        self._loop_time = asyncio.get_running_loop().time
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         relay = self.relay
@@ -81,6 +85,7 @@ class EventStreamResponse:
             return
         headers = [*SSE_HEADERS, (b"x-stream-id", stream_id.encode()), *self.headers]
         relay.attach(stream_id)
+        relay.watch_writes(self)
         client_gone = True
         try:
             await self._send(send, {"type": "http.response.start", "status": 200, "headers": headers})
@@ -100,6 +105,7 @@ class EventStreamResponse:
         except (ClientGone, OSError):
             pass
         finally:
+            relay.unwatch_writes(self)
             relay.detach(stream_id, client_gone=client_gone)
             if self.meta.resumable:
                 await relay.store.drop_reader(stream_id, self.reader_id)
@@ -146,20 +152,37 @@ class EventStreamResponse:
             now = loop.time()
 
     async def _send(self, send: Send, message: dict) -> None:
+        # No timer per write: the relay's sweeper drops a response whose write has
+        # been pending longer than the send timeout (see Relay._sweep_stuck_writers).
+        self.writer = asyncio.current_task()
+        self.pending_since = self._loop_time()
         try:
-            async with asyncio.timeout(self.relay.options.send_timeout):
-                await send(message)
-        except TimeoutError:
-            self.relay.metrics.clients_dropped += 1
-            # uvicorn then logs "ASGI callable returned without completing response"
-            # as it closes the socket: ASGI has no other way to drop a client.
-            logger.warning(
-                "stream_id=%s dropping a client that accepted no data for %g s",
-                self.meta.stream_id,
-                self.relay.options.send_timeout,
-            )
+            await send(message)
+        except asyncio.CancelledError:
+            if not self.dropped:
+                raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                task.uncancel()
             raise ClientGone("the client did not accept data within the send timeout") from None
+        finally:
+            self.pending_since = None
         self.relay.metrics.bytes_sent += len(message.get("body", b""))
+
+    def drop(self) -> None:
+        """The client stopped reading: end this response (called by the relay's sweeper)."""
+        if self.dropped or self.writer is None:
+            return
+        self.dropped = True
+        self.relay.metrics.clients_dropped += 1
+        # uvicorn then logs "ASGI callable returned without completing response"
+        # as it closes the socket: ASGI has no other way to drop a client.
+        logger.warning(
+            "stream_id=%s dropping a client that accepted no data for %g s",
+            self.meta.stream_id,
+            self.relay.options.send_timeout,
+        )
+        self.writer.cancel("client stopped reading")
 
 
 def _body(data: bytes) -> dict:

@@ -18,7 +18,7 @@ from .base import (
 
 
 class _Log:
-    __slots__ = ("meta", "entries", "first_seq", "nbytes", "ended", "expires", "changed")
+    __slots__ = ("meta", "entries", "first_seq", "nbytes", "ended", "expires", "waiters")
 
     def __init__(self, meta: StreamMeta) -> None:
         self.meta = meta
@@ -27,13 +27,18 @@ class _Log:
         self.nbytes = 0
         self.ended = False
         self.expires = float("inf")
-        # Replaced by a fresh Event on every append: readers wait on the one
-        # they saw, so no wake-up is lost and none is spurious.
-        self.changed = asyncio.Event()
+        # Readers waiting for the next append, each on a future of its own: an
+        # append with nobody waiting (the usual case under load) allocates nothing.
+        self.waiters: list[asyncio.Future[None]] = []
 
     @property
     def last_seq(self) -> int:
         return self.first_seq + len(self.entries) - 1
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class MemoryStore(StreamStore):
@@ -80,8 +85,11 @@ class MemoryStore(StreamStore):
         if terminal:
             log.ended = True
             log.expires = time.monotonic() + limits.ttl_for(log.meta.resumable)
-        changed, log.changed = log.changed, asyncio.Event()
-        changed.set()
+        if log.waiters:
+            waiters, log.waiters = log.waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def _trim(self, log: _Log) -> None:
         limits = self.limits
@@ -107,11 +115,19 @@ class MemoryStore(StreamStore):
         if log is None:
             raise StreamNotFound(stream_id)
         if after >= log.last_seq and not log.ended and timeout > 0:
-            changed = log.changed
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+            log.waiters.append(waiter)
+            timer = loop.call_later(timeout, _time_out, waiter)
             try:
-                async with asyncio.timeout(timeout):
-                    await changed.wait()
-            except TimeoutError:
+                await waiter
+            finally:
+                timer.cancel()
+                if waiter.cancelled() and waiter in log.waiters:
+                    log.waiters.remove(waiter)
+            if after >= log.last_seq and not log.ended:
+                if waiter in log.waiters:
+                    log.waiters.remove(waiter)
                 return ReadResult([], after, False)
         return self._slice(log, after)
 
