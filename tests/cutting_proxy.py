@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from fakes import LoopbackServer
 from tokenwire import ServerSentEvent, SSEDecoder
 
 __all__ = ["CutEventStreams", "CuttingProxy", "HTTPHead", "ProxiedConnection", "RandomCuts"]
@@ -195,21 +196,20 @@ class CutEventStreams:
             return pos + self.into
 
 
-class CuttingProxy:
+class CuttingProxy(LoopbackServer):
     """Forwards ``127.0.0.1:<free port>`` to ``target`` (``http://host:port``), cutting per ``policy``."""
+
+    thread_name = "cutting-proxy"
+    backlog = 1024
 
     def __init__(self, target: str, policy: CutPolicy | None = None) -> None:
         parts = urlsplit(target)
         assert parts.hostname and parts.port, f"target must be http://host:port, got {target!r}"
         self.target = (parts.hostname, parts.port)
         self.policy = policy
-        self.port = 0
+        super().__init__()
         self._lock = threading.Lock()
         self._connections: list[ProxiedConnection] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.AbstractServer | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
@@ -219,51 +219,6 @@ class CuttingProxy:
     def connections(self) -> list[ProxiedConnection]:
         with self._lock:
             return list(self._connections)
-
-    # -- lifecycle ---------------------------------------------------------
-
-    def start(self) -> CuttingProxy:
-        loop = asyncio.new_event_loop()
-        started = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            self._server = loop.run_until_complete(
-                asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=1024)
-            )
-            self.port = self._server.sockets[0].getsockname()[1]
-            started.set()
-            loop.run_forever()
-
-        self._loop = loop
-        self._thread = threading.Thread(target=run, name="cutting-proxy", daemon=True)
-        self._thread.start()
-        if not started.wait(5):
-            raise RuntimeError("the cutting proxy did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None or self._thread is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
-        self._loop = self._thread = None
-
-    def __enter__(self) -> CuttingProxy:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    async def _shutdown(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        await self._server.wait_closed()
 
     # -- forwarding ----------------------------------------------------------
 

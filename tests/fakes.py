@@ -67,7 +67,75 @@ class UpstreamRequest:
         return self.connection.closed_at
 
 
-class FakeOpenAIUpstream:
+class LoopbackServer:
+    """An asyncio TCP server on ``127.0.0.1:<free port>`` in a thread of its own.
+
+    Subclasses implement ``_handle(reader, writer)``; every handler task is
+    tracked so that ``stop()`` cancels what is still running.
+    """
+
+    thread_name = "loopback-server"
+    backlog = 100
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    def _on_loop_start(self) -> None:
+        """Runs in the server's thread, on its loop, before it accepts."""
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    def start(self):  # type: ignore[no-untyped-def]
+        loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            self._on_loop_start()
+            self._server = loop.run_until_complete(
+                asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=self.backlog)
+            )
+            self.port = self._server.sockets[0].getsockname()[1]
+            started.set()
+            loop.run_forever()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=run, name=self.thread_name, daemon=True)
+        self._thread.start()
+        if not started.wait(5):
+            raise RuntimeError(f"{self.thread_name} did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None or self._thread is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+        self._loop = self._thread = None
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    async def _shutdown(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+
+
+class FakeOpenAIUpstream(LoopbackServer):
     """An OpenAI-style streaming server on ``127.0.0.1:<free port>``.
 
     Configure it with keyword arguments or by setting attributes before a
@@ -125,15 +193,11 @@ class FakeOpenAIUpstream:
         for name, value in self.DEFAULTS.items():
             setattr(self, name, list(value) if isinstance(value, list) else value)
         self.configure(**config)
-        self.port = 0
+        super().__init__()
         self._requests: list[UpstreamRequest] = []
         self._connections: list[UpstreamConnection] = []
         self._lock = threading.Lock()
         self._request_arrived = threading.Condition(self._lock)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.AbstractServer | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
         self._release: asyncio.Event | None = None
 
     def configure(self, **config: Any) -> FakeOpenAIUpstream:
@@ -197,47 +261,10 @@ class FakeOpenAIUpstream:
 
     # -- lifecycle -----------------------------------------------------------
 
-    def start(self) -> FakeOpenAIUpstream:
-        loop = asyncio.new_event_loop()
-        started = threading.Event()
+    thread_name = "fake-openai-upstream"
 
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            self._release = asyncio.Event()
-            self._server = loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
-            self.port = self._server.sockets[0].getsockname()[1]
-            started.set()
-            loop.run_forever()
-
-        self._loop = loop
-        self._thread = threading.Thread(target=run, name="fake-openai-upstream", daemon=True)
-        self._thread.start()
-        if not started.wait(5):
-            raise RuntimeError("the fake upstream did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None or self._thread is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
-        self._loop = self._thread = None
-
-    def __enter__(self) -> FakeOpenAIUpstream:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    async def _shutdown(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        await self._server.wait_closed()
+    def _on_loop_start(self) -> None:
+        self._release = asyncio.Event()
 
     # -- the server ----------------------------------------------------------
 

@@ -23,11 +23,11 @@ from typing import Any
 import httpx
 import pytest
 import redis
+
 from cutting_proxy import CuttingProxy, ProxiedConnection, RandomCuts
 from fakes import FakeOpenAIUpstream, active_streams, iter_events, run_async, serve_app, wait_until
 from redis_server import redis_url_fixture
-
-from tokenwire import Settings, SSEDecoder, StreamCut, create_app, stream_tokens
+from tokenwire import Settings, SSEDecoder, create_app, stream_tokens
 from tokenwire.providers.openai import OpenAIProvider
 from tokenwire.stores.base import LogLimits, StreamStore
 from tokenwire.stores.memory import MemoryStore

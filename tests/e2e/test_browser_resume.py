@@ -14,9 +14,9 @@ import re
 import time
 
 import pytest
+
 from cutting_proxy import CutEventStreams, CuttingProxy
 from fakes import serve_app, wait_until
-
 from tokenwire import ScriptedProvider, create_app
 
 pytestmark = pytest.mark.slow
