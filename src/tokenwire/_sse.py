@@ -15,9 +15,11 @@ field alone in a block dispatches nothing and a fetch-based client still needs i
 from __future__ import annotations
 
 import codecs
+import re
 from dataclasses import dataclass
 
 KEEPALIVE = b": keepalive\n\n"
+_LINE_END = re.compile("\r\n|\r|\n")
 
 
 def encode_retry(milliseconds: int) -> bytes:
@@ -79,31 +81,15 @@ class LineDecoder:
                 text = text[1:]
         if not text:
             return []
+        buffer = self._buffer + text
         if "\r" not in text:
             # Fast path: most streams use LF only.
-            *lines, rest = (self._buffer + text).split("\n")
-            self._buffer = rest
-            return lines
-        lines = []
-        buffer = self._buffer + text
-        start = 0
-        i = 0
-        n = len(buffer)
-        while i < n:
-            c = buffer[i]
-            if c == "\n":
-                lines.append(buffer[start:i])
-                start = i + 1
-            elif c == "\r":
-                lines.append(buffer[start:i])
-                if i + 1 < n:
-                    if buffer[i + 1] == "\n":
-                        i += 1
-                else:
-                    self._skip_lf = True
-                start = i + 1
-            i += 1
-        self._buffer = buffer[start:]
+            lines = buffer.split("\n")
+        else:
+            lines = _LINE_END.split(buffer)
+            # A CR that ends the chunk ends its line; an LF that starts the next is its partner.
+            self._skip_lf = buffer[-1] == "\r"
+        self._buffer = lines.pop()
         return lines
 
     def flush(self) -> list[str]:
