@@ -34,7 +34,11 @@ system-deps:
 serve: $(VENV)/.installed
 	$(BIN)/tokenwire serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.installed system-deps
+# eventsource-parser: the JavaScript parser's peer, checked against ours by the tests.
+bench/node_modules/.package-lock.json: bench/package-lock.json
+	npm ci --prefix bench --no-audit --no-fund --loglevel=error
+
+test: $(VENV)/.installed system-deps bench/node_modules/.package-lock.json
 	$(MAKE) test-python test-js
 
 test-python:

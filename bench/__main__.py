@@ -1,0 +1,239 @@
+"""Run the benchmarks and write RESULTS.md, results.json and plots/ (issue 5).
+
+    python -m bench                 # everything, ~13 minutes; writes bench/RESULTS.md, bench/plots/
+    python -m bench --quick         # ~3 minutes; writes bench/.cache/quick/ unless --out says otherwise
+    python -m bench --only latency,cancel
+    python -m bench --report-only   # re-render RESULTS.md and plots from results.json
+
+Sections: latency, ceiling, cancel, memory, profile, local, parsers.  Installs its own dependencies
+first (bench/requirements.txt into this venv, bench/package.json with ``npm ci``) unless
+``--no-install``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SECTIONS = ("latency", "ceiling", "cancel", "memory", "profile", "local", "parsers")
+
+
+def install() -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", str(HERE / "requirements.txt")],
+        check=True,
+    )  # fmt: skip
+    if not (HERE / "node_modules" / ".package-lock.json").exists() or (
+        (HERE / "package-lock.json").stat().st_mtime > (HERE / "node_modules" / ".package-lock.json").stat().st_mtime
+    ):
+        subprocess.run(["npm", "ci", "--prefix", str(HERE), "--no-audit", "--no-fund", "--loglevel=error"], check=True)
+
+
+def log(message: str) -> None:
+    stamp = time.strftime("%H:%M:%S")
+    print(f"[{stamp}] {message}", flush=True)
+
+
+def loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of the whole machine, from /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+class Section:
+    """Notes the load average when a section starts and the hypervisor's CPU steal during it."""
+
+    def __init__(self, results: dict[str, Any], name: str) -> None:
+        self.results, self.name = results, name
+
+    def __enter__(self) -> None:
+        self.results.setdefault("loadavg", {})[self.name] = loadavg()
+        self.results.setdefault("section_started", {})[self.name] = time.strftime("%H:%M")
+        self.ticks = cpu_ticks()
+
+    def __exit__(self, *exc: object) -> None:
+        steal, total = cpu_ticks()
+        d_total = total - self.ticks[1]
+        self.results.setdefault("steal", {})[self.name] = (steal - self.ticks[0]) / d_total if d_total else 0.0
+
+
+def pinning() -> tuple[set[int] | None, set[int] | None]:
+    """One CPU for the relay under test, another for the harness (upstream + load generator)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return {cpus[0]}, {cpus[1]}
+
+
+async def run(
+    sections: list[str], plan: Any, out_dir: Path, results: dict[str, Any], cpus: tuple[set[int] | None, set[int] | None]
+) -> None:
+    from . import machine, parsers, relay, servers
+    from . import local as local_bench
+    from . import profile as profile_bench
+    from .loadgen import Target
+    from .upstream import FakeUpstream
+
+    server_cpus, harness_cpus = cpus
+    results["pinning"] = {
+        "server": ",".join(map(str, sorted(server_cpus))) if server_cpus else "unpinned",
+        "harness": ",".join(map(str, sorted(harness_cpus))) if harness_cpus else "unpinned",
+    }
+    results["machine"] = machine.describe(HERE)
+    log_dir = out_dir / "logs"
+    save = lambda: _save(results, out_dir)  # noqa: E731
+
+    upstream = FakeUpstream()
+    await upstream.start()
+    loopback = Target("loopback", upstream.port, "/v1/chat/completions", openai=True)
+    log(f"fake upstream on {upstream.base_url}")
+
+    async def start(group: list[servers.Server]) -> None:
+        await asyncio.gather(*(asyncio.to_thread(s.start, cpus=server_cpus, log_dir=log_dir) for s in group))
+
+    try:
+        shared = [s for s in ("latency", "ceiling", "cancel") if s in sections]
+        if shared:
+            group = servers.relays(upstream.base_url)
+            await start(group)
+            try:
+                targets = [loopback] + [Target(s.name, s.port) for s in group]
+                pids: dict[str, int | None] = {s.name: s.pid for s in group}
+                for name, fn in (
+                    ("latency", relay.latency), ("ceiling", relay.ceiling), ("cancel", relay.cancellation)
+                ):  # fmt: skip
+                    if name in sections:
+                        with Section(results, name):
+                            results[name] = await fn(upstream, targets, pids, plan, log)
+                        save()
+            finally:
+                for s in group:
+                    s.stop()
+        if "memory" in sections:
+            group = servers.relays(upstream.base_url)
+            await start(group)
+            try:
+                with Section(results, "memory"):
+                    results["memory"] = await relay.memory(upstream, group, plan, log)
+            finally:
+                for s in group:
+                    s.stop()
+            save()
+        if "profile" in sections:
+            server = servers.tokenwire(upstream.base_url)
+            await start([server])
+            try:
+                with Section(results, "profile"):
+                    results["profile"] = await profile_bench.profile(
+                        server, plan.profile_streams, plan.rate, plan.profile_s, out_dir / "profile", log
+                    )
+            finally:
+                server.stop()
+            save()
+    finally:
+        await upstream.aclose()
+
+    if "local" in sections:
+        with Section(results, "local"):
+            results["local"] = await local_bench.bench(plan.local_runs, plan.local_max_tokens, log_dir, log)
+        save()
+    if "parsers" in sections:
+        with Section(results, "parsers"):
+            results["parsers"] = parsers.bench(
+                HERE / ".cache" / "fixtures", plan.parser_repeats, plan.parser_min_s, log
+            )
+        save()
+
+
+def _save(results: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs, fewer repeats (~2-3 min)")
+    parser.add_argument("--only", help=f"comma-separated sections of: {', '.join(SECTIONS)}")
+    parser.add_argument("--out", type=Path, help="output folder (default bench/, or bench/.cache/quick with --quick)")
+    parser.add_argument("--no-install", action="store_true", help="do not pip/npm install the bench dependencies")
+    parser.add_argument("--report-only", action="store_true", help="re-render from the output folder's results.json")
+    args = parser.parse_args()
+    out_dir: Path = args.out or (HERE / ".cache" / "quick" if args.quick else HERE)
+
+    if args.report_only:
+        from . import report
+
+        results = json.loads((out_dir / "results.json").read_text())
+        print(report.write(results, out_dir))
+        return 0
+
+    sections = list(SECTIONS) if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    if not args.no_install:
+        install()
+
+    import uvloop
+
+    from . import relay, report
+
+    plan = relay.QUICK if args.quick else relay.FULL
+    cpus = pinning()
+    if cpus[1]:
+        os.sched_setaffinity(0, cpus[1])
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 16384), hard), hard))
+
+    from dataclasses import asdict
+
+    results: dict[str, Any] = {
+        "plan": asdict(plan),
+        "sections": sections,
+        "started": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+    }
+    # A partial run (--only) keeps the other sections of the last results.json in the same folder.
+    previous = out_dir / "results.json"
+    if args.only and previous.exists():
+        old = json.loads(previous.read_text())
+        if old.get("plan", {}).get("name") == plan.name:
+            results = {
+                **old, **results, "loadavg": old.get("loadavg", {}), "steal": old.get("steal", {}),
+                "section_started": old.get("section_started", {}),
+            }  # fmt: skip
+    started = time.monotonic()
+    log(f"bench ({plan.name}): {', '.join(sections)} -> {out_dir}")
+    try:
+        uvloop.run(run(sections, plan, out_dir, results, cpus))
+    finally:
+        results["elapsed_s"] = time.monotonic() - started
+        _save(results, out_dir)
+        if "machine" in results:
+            path = report.write(results, out_dir)
+            log(f"wrote {path} in {results['elapsed_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

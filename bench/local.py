@@ -1,0 +1,196 @@
+"""Local model: tokens/s and time to first token through tokenwire vs llama-cpp-python directly.
+
+"Direct" is ``Llama.create_chat_completion(stream=True)`` in a worker process of its own
+(``python -m bench.local --worker``), as ``bench/local_model.py`` calls it (same prompt).  "Through tokenwire" is a real
+``tokenwire serve --provider local`` process and an HTTP client on ``POST /api/stream`` that parses
+the events: everything a user pays for.  Both load the same bundled GGUF with the same settings
+(n_ctx 2048, all cores for threads), both processes run on all cores (the only benchmark that does),
+one at a time, interleaved: warm-up each, then ``runs`` rounds.  Temperature 0 and seed 1 on both: the texts
+must be equal, or the comparison is void.
+
+TTFT: from the call (direct) or from sending the POST (tokenwire) to the first token.  llama.cpp's
+threads wait for each other at every step, so any other process on the machine slows a run a lot:
+the report gives every run and the best besides the median.
+Decode rate: (tokens - 1) / (last token - first token).  End to end: tokens / (last token - call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tokenwire._sse import SSEDecoder
+
+from . import servers
+
+try:  # the prompt bench/local_model.py uses, when that module is there
+    from .local_model import PROMPT
+except Exception:  # noqa: BLE001 - any import problem: use our own
+    PROMPT = "Write a long story about a dragon who learns to cook."
+
+
+def _result(started: float, stamps: list[float], pieces: list[str]) -> dict[str, Any]:
+    n = len(stamps)
+    return {
+        "tokens": n,
+        "ttft_ms": (stamps[0] - started) * 1000 if n else float("nan"),
+        "decode_tokens_per_s": (n - 1) / (stamps[-1] - stamps[0]) if n > 1 else float("nan"),
+        "e2e_tokens_per_s": n / (stamps[-1] - started) if n else float("nan"),
+        "text": "".join(pieces),
+    }
+
+
+def run_direct(llm: Any, max_tokens: int) -> dict[str, Any]:
+    messages = [{"role": "user", "content": PROMPT}]
+    pieces: list[str] = []
+    stamps: list[float] = []
+    started = time.perf_counter()
+    for chunk in llm.create_chat_completion(messages, stream=True, max_tokens=max_tokens, temperature=0.0, seed=1):
+        text = chunk["choices"][0]["delta"].get("content")
+        if text:
+            stamps.append(time.perf_counter())
+            pieces.append(text)
+    return _result(started, stamps, pieces)
+
+
+async def run_tokenwire(client: httpx.AsyncClient, port: int, max_tokens: int) -> dict[str, Any]:
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "seed": 1}
+    pieces: list[str] = []
+    stamps: list[float] = []
+    decoder = SSEDecoder()
+    started = time.perf_counter()
+    async with client.stream("POST", f"http://127.0.0.1:{port}/api/stream", json=body) as response:
+        response.raise_for_status()
+        async for chunk in response.aiter_raw():
+            for sse in decoder.decode(chunk):
+                event = json.loads(sse.data)
+                if event["type"] == "token":
+                    stamps.append(time.perf_counter())
+                    pieces.append(event["text"])
+                elif event["type"] == "error":
+                    raise RuntimeError(f"tokenwire answered an error event: {event}")
+    return _result(started, stamps, pieces)
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+class DirectWorker:
+    """llama-cpp-python in a process of its own, started on every core: one JSON line per run."""
+
+    def __init__(self, max_tokens: int, cpus: set[int]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.local", "--worker", "--max-tokens", str(max_tokens)],
+            cwd=servers.ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+        )  # fmt: skip
+
+    def _call(self, command: str) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the llama-cpp-python worker died")
+        return json.loads(line)
+
+    def ready(self) -> dict[str, Any]:
+        return self._call("ready")
+
+    def run(self) -> dict[str, Any]:
+        return self._call("run")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def worker(max_tokens: int) -> None:
+    from llama_cpp import Llama
+
+    from tokenwire.providers.local import bundled_model_path
+
+    n = len(os.sched_getaffinity(0))
+    model_path = bundled_model_path()
+    llm = Llama(model_path=model_path, n_ctx=2048, n_threads=n, n_threads_batch=n, verbose=False)
+    for line in sys.stdin:
+        if line.strip() == "ready":
+            reply: dict[str, Any] = {"model": Path(model_path).name, "threads": n}
+        else:
+            reply = run_direct(llm, max_tokens)
+        print(json.dumps(reply), flush=True)
+    llm.close()
+
+
+async def bench(runs: int, max_tokens: int, log_dir: Path, log: Any) -> dict[str, Any]:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        return {"error": f"llama-cpp-python is not installed ({exc})"}
+    all_cpus = set(range(os.cpu_count() or 1))
+    server = servers.local_tokenwire()
+    direct = DirectWorker(max_tokens, all_cpus)
+    try:
+        await asyncio.to_thread(server.start, cpus=all_cpus, log_dir=log_dir, timeout=120)
+        info = await asyncio.to_thread(direct.ready)
+        rows: dict[str, list[dict[str, Any]]] = {"direct": [], "tokenwire": []}
+        async with httpx.AsyncClient(timeout=120) as client:
+            warm_direct = await asyncio.to_thread(direct.run)
+            warm_tokenwire = await run_tokenwire(client, server.port, max_tokens)
+            same_text = warm_direct["text"] == warm_tokenwire["text"]
+            for _ in range(runs):
+                rows["direct"].append(await asyncio.to_thread(direct.run))
+                rows["tokenwire"].append(await run_tokenwire(client, server.port, max_tokens))
+        out: dict[str, Any] = {
+            "model": info["model"], "threads": info["threads"], "max_tokens": max_tokens, "runs": runs,
+            "same_text": same_text,
+        }  # fmt: skip
+        for name, r in rows.items():
+            out[name] = {
+                "ttft_ms": _median(r, "ttft_ms"),
+                "decode_tokens_per_s": _median(r, "decode_tokens_per_s"),
+                "e2e_tokens_per_s": _median(r, "e2e_tokens_per_s"),
+                "best_decode_tokens_per_s": max(x["decode_tokens_per_s"] for x in r),
+                "tokens": _median(r, "tokens"),
+                "runs": [{k: v for k, v in x.items() if k != "text"} for x in r],
+            }
+            log(
+                f"local   {name:<10} TTFT {out[name]['ttft_ms']:.0f} ms  decode {out[name]['decode_tokens_per_s']:.1f} "
+                f"tok/s (best {out[name]['best_decode_tokens_per_s']:.1f})  end-to-end {out[name]['e2e_tokens_per_s']:.1f} "
+                f"tok/s  runs: {', '.join(f'{x:.0f}' for x in (y['decode_tokens_per_s'] for y in r))}"
+            )
+        out["decode_ratio"] = out["tokenwire"]["decode_tokens_per_s"] / out["direct"]["decode_tokens_per_s"]
+        out["best_decode_ratio"] = (
+            out["tokenwire"]["best_decode_tokens_per_s"] / out["direct"]["best_decode_tokens_per_s"]
+        )
+        out["e2e_ratio"] = out["tokenwire"]["e2e_tokens_per_s"] / out["direct"]["e2e_tokens_per_s"]
+        if not same_text:
+            log("local   WARNING: tokenwire and llama-cpp-python generated different texts")
+        return out
+    finally:
+        direct.close()
+        server.stop()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", action="store_true", required=True)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    worker(parser.parse_args().max_tokens)

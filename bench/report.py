@@ -1,0 +1,557 @@
+"""RESULTS.md and the PNG plots, from the results dict that ``python -m bench`` saves as JSON.
+
+``python -m bench --report-only`` re-renders them from ``results.json`` without running anything.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+RELAYS = ("tokenwire", "tutorial", "sse-starlette")
+BASELINES = ("tutorial", "sse-starlette")
+LABELS = {
+    "loopback": "loopback floor (no relay)",
+    "tokenwire": "tokenwire",
+    "tutorial": "tutorial (StreamingResponse + httpx)",
+    "sse-starlette": "sse-starlette + httpx",
+}
+COLORS = {"loopback": "#999999", "tokenwire": "#1f77b4", "tutorial": "#d62728", "sse-starlette": "#ff7f0e"}
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(baseline: float, ours: float) -> str:
+    """How many times better tokenwire is (baseline / tokenwire), for "lower is better" numbers."""
+    if not ours or math.isnan(ours) or math.isnan(baseline):
+        return "–"
+    return f"{baseline / ours:.2f}×"
+
+
+def _pct(value: float) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.0%}"
+
+
+# -- sections -----------------------------------------------------------------------------
+
+
+def _machine(r: dict[str, Any]) -> list[str]:
+    m = r["machine"]
+    v = m["versions"]
+    clock = m["clock"]
+    pin = r.get("pinning", {})
+    lines = [
+        "## Machine",
+        "",
+        f"- CPU: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['memory_gib']} GiB RAM, "
+        f"Linux {m['kernel']}",
+        f"- Python {m['python']}; uvicorn {v.get('uvicorn')} (uvloop {v.get('uvloop')}, httptools "
+        f"{v.get('httptools')}); starlette {v.get('starlette')}; fastapi {v.get('fastapi')}; sse-starlette "
+        f"{v.get('sse-starlette')}; httpx {v.get('httpx')} (httpcore {v.get('httpcore')}); httpx-sse "
+        f"{v.get('httpx-sse')}; llama-cpp-python {v.get('llama_cpp_python')}",
+        f"- node {v.get('node')}; eventsource-parser {v.get('npm eventsource-parser', '–')} and "
+        f"{v.get('npm eventsource-parser-4', '–')}",
+        f"- Pinning: relay servers on CPU {pin.get('server', '–')}, fake upstream + load generator on CPU "
+        f"{pin.get('harness', '–')} (local model: both CPUs)",
+        f"- Clock: `time.monotonic_ns` is `{clock['clock']}`, one clock for all processes: a child's reading "
+        f"fell between two of ours {clock['child_reading_between_ours']}/{clock['rounds']} times "
+        f"({'comparable' if clock['comparable'] else 'NOT comparable'})",
+    ]
+    loads = r.get("loadavg", {})
+    if loads:
+        steal = r.get("steal", {})
+        started = r.get("section_started", {})
+        text = ", ".join(
+            f"{k}" + (f" at {started[k]}" if k in started else "") + f": {v}"
+            + (f" (steal {steal[k]:.0%})" if k in steal else "")
+            for k, v in loads.items()
+        )
+        lines.append(
+            f"- Load average (1 min) when each section started, and the hypervisor's CPU steal during it — "
+            f"{text}. This 2-core VM may be shared with other work: it shows up as noise, mostly in p99 and max."
+        )
+    return lines + [""]
+
+
+def _method(r: dict[str, Any]) -> list[str]:
+    plan = r["plan"]
+    return [
+        "## Method",
+        "",
+        f"Mode **{plan['name']}**: {plan['repeats']} repeat(s) per latency point (medians shown). Streams "
+        f"start evenly over {plan['ramp_s']:g} s; the measurement window opens {plan['settle_s']:g} s after "
+        f"every stream has had its first token and lasts {plan['measure_s']:g} s; only tokens *written by the "
+        "upstream* inside it count, and each stream ends once it has received a token written after it (so "
+        "every window token is counted, however late). Connection set-up costs a relay far more than a "
+        "token and is left out. Rounds interleave the relays so that drifting machine noise hits all alike. "
+        "A relay that cannot keep up shows it as latency growing with the window, not as lost tokens.",
+        "",
+        "- **Fake upstream** (`bench/upstream.py`): OpenAI-compatible `POST /v1/chat/completions`, raw "
+        "HTTP/1.1 on asyncio protocols, chunked, keep-alive. Each token's text is `@` + the 20-digit "
+        "`time.monotonic_ns()` of its write; per-stream timers keep the rate without drift. It records "
+        "when each request's connection is closed by the relay (`closed_ns`).",
+        "- **Load generator** (`bench/loadgen.py`): one asyncio protocol per stream with httptools' C "
+        "parser; one clock reading per socket read; latency = read time − write time of every token in "
+        "the read. It shares one process and one uvloop loop with the fake upstream (CPU "
+        f"{r.get('pinning', {}).get('harness', '–')}). The **loopback floor** is the same generator "
+        "pointed straight at the fake upstream.",
+        "- **Relays** (`bench/servers.py`): each a single uvicorn process (uvloop + httptools, log level "
+        "warning, no access log) pinned to the other CPU, relaying to the same fake upstream: "
+        "`tokenwire serve --provider openai`, `bench/baselines/tutorial.py` (FastAPI `StreamingResponse` "
+        "+ httpx, the tutorial way) and `bench/baselines/sse_starlette.py` (`EventSourceResponse` + httpx). "
+        "Both baselines parse each upstream chunk and re-encode a small JSON event, as tokenwire does.",
+        "- **Percentiles** are nearest-rank over all tokens of a run; the table shows the median over "
+        "repeats. Server CPU = the server process's CPU time / window time (100% = one core); CPU µs/token = "
+        "that / tokens relayed per second, the figure noise disturbs least (meaningless once a relay "
+        "saturates: then its backlog drains after the window). *Other load* = CPU used meanwhile by every "
+        "other process on the machine (other people's work, the kernel, loopback networking), in cores: the "
+        "noise this number carries. *Late streams* had no first token when the window opened (5 s after the "
+        "ramp): a saturated relay.",
+        "",
+    ]
+
+
+def _latency(r: dict[str, Any]) -> list[str]:
+    lat = r.get("latency")
+    if not lat:
+        return []
+    lines = [
+        f"## Added latency per token (upstream write → client parse), {lat['rate']:g} tokens/s per stream",
+        "",
+        "| streams | relay | p50 ms | p99 ms | p99.9 ms | max ms | tokens/s | server CPU | CPU µs/token | other "
+        "load | samples | failed / late streams | tokenwire better by (p50 / p99) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for level, rows in lat["levels"].items():
+        tw = rows.get("tokenwire")
+        for name, row in rows.items():
+            ratio = ""
+            if name in BASELINES and tw:
+                ratio = f"{_ratio(row['p50_ms'], tw['p50_ms'])} / {_ratio(row['p99_ms'], tw['p99_ms'])}"
+            cpu = "" if name == "loopback" else _pct(row["server_cpu"])
+            per_token = "" if name == "loopback" else _f(row.get("server_us_per_token", math.nan), 0)
+            lines.append(
+                f"| {level} | {LABELS.get(name, name)} | {_f(row['p50_ms'])} | {_f(row['p99_ms'])} | "
+                f"{_f(row['p999_ms'])} | {_f(row['max_ms'])} | {_f(row['tokens_per_s'], 0)} | {cpu} | {per_token} | "
+                f"{_pct(row.get('other_cpu', math.nan))} | {row['samples']:,} | {row['failed_streams']} / "
+                f"{row.get('late_starts', 0)} | {ratio} |"
+            )
+    lines += ["", "![p50 and p99 by concurrency](plots/latency.png)", "", "![CDF](plots/latency_cdf.png)", ""]
+    return lines
+
+
+def _ceiling(r: dict[str, Any]) -> list[str]:
+    c = r.get("ceiling")
+    if not c:
+        return []
+    tut = c["targets"].get("tutorial", {}).get("ceiling_tokens_per_s") or math.nan
+    lines = [
+        "## Throughput ceiling",
+        "",
+        f"{c['streams']} concurrent streams; the offered rate rises geometrically (then bisects) until p99 "
+        f"reaches {c['p99_limit_ms']:g} ms, a stream fails, or less than 90% of the offered tokens get "
+        "through. The ceiling is the tokens/s relayed at the last passing step.",
+        "",
+        "| relay | ceiling tokens/s | p99 ms there | server CPU there | first failing offer | vs tutorial |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in c["targets"].items():
+        fail = row["first_failure_offered"]
+        fail_text = "none up to the search max" if fail is None else _f(fail, 0)
+        vs = "" if name in ("loopback", "tutorial") else (f"{row['ceiling_tokens_per_s'] / tut:.2f}×" if tut else "–")
+        cpu = "" if name == "loopback" else _pct(row["server_cpu"])
+        lines.append(
+            f"| {LABELS.get(name, name)} | {_f(row['ceiling_tokens_per_s'], 0)} | {_f(row['p99_ms'])} | {cpu} | "
+            f"{fail_text} | {vs} |"
+        )
+    if "loopback" not in c["targets"]:
+        lines.append("| loopback floor (no relay) | not searched in this mode | | | | |")
+    lines += [
+        "",
+        "A relay's ceiling cannot show above the loopback floor's: there the harness itself is the limit.",
+        "",
+        "![ceiling](plots/ceiling.png)",
+        "",
+    ]
+    return lines
+
+
+def _cancel(r: dict[str, Any]) -> list[str]:
+    c = r.get("cancel")
+    if not c:
+        return []
+    lines = [
+        "## Cancellation latency (client closes its socket → upstream sees the relay's socket close)",
+        "",
+        f"{c['probes']} probes per cell, 4 in flight. *Mid-stream*: abort after the 3rd token of a 50 tokens/s "
+        "stream. *Before first token*: the upstream holds the first token for 10 s; abort 20 ms after it "
+        f"received the request. *Load*: {c['load_streams']} background streams × 20 tokens/s on the same relay (a "
+        "load every relay here sustains; at 500 streams all of them saturate, see the latency table, and "
+        "cancellation then waits in the same queue as the tokens). "
+        "The *queued* phase exists only for the local provider (the openai provider has no queue).",
+        "",
+        "| relay | condition | phase | n | p50 ms | p99 ms | max ms | not closed in 3 s |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, rows in c["targets"].items():
+        for key, row in rows.items():
+            if key == "load/background":
+                continue
+            condition, phase = key.split("/", 1)
+            lines.append(
+                f"| {LABELS.get(name, name)} | {condition} | {phase} | {row['n']} | {_f(row['p50_ms'])} | "
+                f"{_f(row['p99_ms'])} | {_f(row['max_ms'])} | {row['not_closed']} |"
+            )
+    lines += ["", "Background load meanwhile (per-token latency of the 20 tokens/s streams):", ""]
+    lines += ["| relay | p50 ms | p99 ms | tokens/s | failed streams |", "|---|---:|---:|---:|---:|"]
+    for name, rows in c["targets"].items():
+        bg = rows.get("load/background")
+        if bg:
+            lines.append(
+                f"| {LABELS.get(name, name)} | {_f(bg['p50_ms'])} | {_f(bg['p99_ms'])} | {_f(bg['tokens_per_s'], 0)} | "
+                f"{bg['failed_streams']} |"
+            )
+    return lines + ["", "![cancellation](plots/cancel.png)", ""]
+
+
+def _memory(r: dict[str, Any]) -> list[str]:
+    m = r.get("memory")
+    if not m:
+        return []
+    lines = [
+        f"## Memory per open stream ({m['streams']} concurrent streams)",
+        "",
+        "Fresh server, warmed with 50 short streams; RSS (`VmRSS`) before, and the highest of four readings "
+        "while every stream is open and has had its first token (1 token/s each); the difference divided by "
+        "the streams. *Start CPU*: the server's CPU time while the streams opened, per stream (request, "
+        "upstream connection, first token). Then all clients abort at once: how long until the upstream saw "
+        "every socket close.",
+        "",
+        "| relay | RSS before MiB | RSS with streams MiB | streams | KiB per stream | start CPU ms/stream | mass abort: "
+        "all closed ms | KiB/stream vs tokenwire |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    tw = m["targets"].get("tokenwire", {}).get("kib_per_stream", math.nan)
+    for name, row in m["targets"].items():
+        vs = _ratio(row["kib_per_stream"], tw) if name in BASELINES else ""
+        lines.append(
+            f"| {LABELS.get(name, name)} | {_f(row['rss_before_kib'] / 1024, 1)} | {_f(row['rss_during_kib'] / 1024, 1)} "
+            f"| {row['streams_ready']} | {_f(row['kib_per_stream'], 1)} | {_f(row.get('start_cpu_ms', math.nan))} | "
+            f"{_f(row['mass_abort_all_closed_ms'], 0)}"
+            f"{' (' + str(row['mass_abort_not_closed']) + ' not closed)' if row['mass_abort_not_closed'] else ''} | {vs} |"
+        )
+    return lines + ["", "![memory](plots/memory.png)", ""]
+
+
+def _local(r: dict[str, Any]) -> list[str]:
+    loc = r.get("local")
+    if not loc:
+        return []
+    if "error" in loc:
+        return ["## Local model", "", f"Not measured: {loc['error']}", ""]
+    lines = [
+        "## Local model",
+        "",
+        f"{loc['model']}, {loc['threads']} threads, {loc['max_tokens']} max tokens, temperature 0, seed 1; "
+        f"median of {loc['runs']} run(s) after a warm-up. Same text both ways: **{loc['same_text']}**.",
+        "",
+        "| path | TTFT ms | decode tokens/s (median) | best run | end-to-end tokens/s | each run (decode tokens/s) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name in ("direct", "tokenwire"):
+        row = loc[name]
+        label = "llama-cpp-python directly" if name == "direct" else "through tokenwire (HTTP + SSE)"
+        runs = ", ".join(f"{x['decode_tokens_per_s']:.0f}" for x in row["runs"])
+        lines.append(
+            f"| {label} | {_f(row['ttft_ms'], 0)} | {_f(row['decode_tokens_per_s'], 1)} | "
+            f"{_f(row.get('best_decode_tokens_per_s', math.nan), 1)} | {_f(row['e2e_tokens_per_s'], 1)} | {runs} |"
+        )
+    lines += [
+        "",
+        f"tokenwire / direct: decode {loc['decode_ratio']:.1%} (medians), {loc.get('best_decode_ratio', math.nan):.1%} "
+        f"(best runs); end to end {loc['e2e_ratio']:.1%}. llama.cpp's threads wait for each other at every step, so "
+        "any other process on the machine slows a run a lot, whichever path it took: the runs alternate, and the "
+        "spread between them is that noise.",
+        "",
+    ]
+    return lines
+
+
+PEERS_PY = [("tokenwire SSEDecoder", "httpx-sse")]
+PEERS_JS = [
+    ("tokenwire.js SSEParser", "eventsource-parser 3"),
+    ("tokenwire.js SSEParser", "eventsource-parser 4"),
+    ("tokenwire.js parseSSE (stream)", "EventSourceParserStream 3 (stream)"),
+    ("tokenwire.js parseSSE (stream)", "EventSourceParserStream 4 (stream)"),
+]
+
+
+def _parsers(r: dict[str, Any]) -> list[str]:
+    p = r.get("parsers")
+    if not p:
+        return []
+    lines = [
+        "## Parsers (MB/s, higher is better)",
+        "",
+        f"Fixtures from `bench/fixtures.py`, fed as {p['read_size'] // 1024} KiB reads; median of repeated passes "
+        "after warm-up. Every parser of a pair yields the same events (checked here by digest, and by "
+        "`tests/test_bench_fixtures.py`).",
+        "",
+    ]
+    for lang, peers, title in (("python", PEERS_PY, "Python"), ("js", PEERS_JS, "JavaScript (node)")):
+        table = p.get(lang, {})
+        if not table:
+            continue
+        lines += [f"### {title}", "", "| fixture | size MB | ours | MB/s | peer | MB/s | ours / peer | same events |"]
+        lines += ["|---|---:|---|---:|---|---:|---:|---|"]
+        for fixture, row in table.items():
+            for ours, peer in peers:
+                if ours not in row or peer not in row:
+                    continue
+                a, b = row[ours], row[peer]
+                lines.append(
+                    f"| {fixture} | {p['sizes'].get(fixture, 0) / 1e6:.1f} | {ours} | {_f(a['mb_per_s'], 1)} | {peer} | "
+                    f"{_f(b['mb_per_s'], 1)} | {a['mb_per_s'] / b['mb_per_s']:.2f}× | "
+                    f"{'yes' if a['digest'] == b['digest'] else 'NO'} |"
+                )
+        lines.append("")
+    return lines + ["![parsers](plots/parsers.png)", ""]
+
+
+def _profile(r: dict[str, Any]) -> list[str]:
+    prof = r.get("profile")
+    if not prof:
+        return []
+    if "error" in prof:
+        return ["## Profile", "", f"Not taken: {prof['error']}", ""]
+    load = prof.get("load", {})
+    lines = [
+        f"## Profile: tokenwire at {load.get('streams', '?')} streams × 20 tokens/s",
+        "",
+        f"py-spy, {prof['rate']} Hz for {prof['duration_s']:g} s, non-blocking; {prof['samples']:,} non-idle samples "
+        f"= {prof['busy_fraction']:.0%} of one core busy in Python-visible code (server CPU meanwhile "
+        f"{_pct(load.get('server_cpu', math.nan))}, p99 {_f(load.get('p99_ms'))} ms). Shares are of the "
+        f"non-idle samples. Raw stacks: `{Path(prof.get('raw', '')).name}` in the output's profile/ folder. "
+        "Inclusive shares are lower bounds: py-spy loses the outer frames of many task steps started by the "
+        "event loop's C code (those stacks begin at the coroutine).",
+        "",
+        "| self time, by package | share |",
+        "|---|---:|",
+    ]
+    lines += [f"| {name} | {share:.1%} |" for name, share in prof["packages"]]
+    lines += ["", "| top functions by self time | share |", "|---|---:|"]
+    lines += [f"| `{name}` | {share:.1%} |" for name, share in prof["self"][:15]]
+    lines += ["", "| top functions by inclusive time | share |", "|---|---:|"]
+    lines += [f"| `{name}` | {share:.1%} |" for name, share in prof["inclusive"][:30]]
+    return lines + [""]
+
+
+def goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    out: list[tuple[str, str, bool | None]] = []
+    lat = r.get("latency")
+    if lat:
+        levels = lat["levels"]
+        for level, limit in (("200", 2.0), ("500", 5.0)):
+            tw = levels.get(level, {}).get("tokenwire")
+            if tw:
+                out.append((f"added latency p99 ≤ {limit:g} ms at {level} streams", f"{_f(tw['p99_ms'])} ms", tw["p99_ms"] <= limit))
+        worse = []
+        for level, rows in levels.items():
+            tw = rows.get("tokenwire")
+            if not tw:
+                continue
+            for name in BASELINES:
+                b = rows.get(name)
+                if b and (tw["p99_ms"] > b["p99_ms"] or tw["p50_ms"] > b["p50_ms"]):
+                    worse.append(f"{level} streams vs {name} (p50 {_f(tw['p50_ms'])}/{_f(b['p50_ms'])}, p99 {_f(tw['p99_ms'])}/{_f(b['p99_ms'])})")
+        out.append(("latency never worse than a baseline (p50 and p99)", "; ".join(worse) or "never worse", not worse))
+    c = r.get("ceiling")
+    if c:
+        tw = c["targets"].get("tokenwire", {}).get("ceiling_tokens_per_s", 0.0)
+        tut = c["targets"].get("tutorial", {}).get("ceiling_tokens_per_s", 0.0)
+        floor = c["targets"].get("loopback", {}).get("ceiling_tokens_per_s", 0.0)
+        note = f" (harness floor {_f(floor, 0)})" if floor else ""
+        out.append(("throughput ceiling ≥ 20,000 tokens/s", f"{_f(tw, 0)} tokens/s{note}", tw >= 20_000))
+        out.append(("ceiling ≥ 1.5× the tutorial's", f"{tw / tut:.2f}× ({_f(tut, 0)})" if tut else "–", bool(tut) and tw >= 1.5 * tut))
+    cancel = r.get("cancel")
+    if cancel and "tokenwire" in cancel["targets"]:
+        rows = cancel["targets"]["tokenwire"]
+        load_rows = {k: v for k, v in rows.items() if k.startswith("load/") and k != "load/background"}
+        worst = max((v["p99_ms"] for v in load_rows.values()), default=math.nan)
+        not_closed = sum(v["not_closed"] for v in rows.values() if "not_closed" in v)
+        text = ", ".join(f"{k.split('/', 1)[1]} {_f(v['p99_ms'])} ms" for k, v in load_rows.items())
+        out.append(("cancellation p99 ≤ 5 ms under load, every phase (openai provider: no queued phase)",
+                    text + (f"; {not_closed} not closed" if not_closed else ""), worst <= 5.0 and not not_closed))  # fmt: skip
+    mem = r.get("memory")
+    if mem and "tokenwire" in mem["targets"]:
+        kib = mem["targets"]["tokenwire"]["kib_per_stream"]
+        out.append(("≤ 64 KiB RSS per open stream", f"{_f(kib, 1)} KiB", kib <= 64))
+    loc = r.get("local")
+    if loc and "error" not in loc:
+        out.append(("local model through tokenwire ≥ 95% of direct tokens/s",
+                    f"decode {loc['decode_ratio']:.1%} (medians), {loc.get('best_decode_ratio', math.nan):.1%} (best runs); "
+                    f"end to end {loc['e2e_ratio']:.1%}", loc["decode_ratio"] >= 0.95))  # fmt: skip
+    p = r.get("parsers")
+    if p:
+        slower = []
+        for lang, peers in (("python", PEERS_PY), ("js", PEERS_JS)):
+            for fixture, row in p.get(lang, {}).items():
+                for ours, peer in peers:
+                    if ours in row and peer in row and row[ours]["mb_per_s"] < row[peer]["mb_per_s"]:
+                        slower.append(f"{ours} < {peer} on {fixture} ({row[ours]['mb_per_s'] / row[peer]['mb_per_s']:.2f}×)")
+        out.append(("each parser at least as fast as its peer", "; ".join(slower) or "all at least as fast", not slower))
+    return out
+
+
+def _goals(r: dict[str, Any]) -> list[str]:
+    rows = goals(r)
+    if not rows:
+        return []
+    lines = ["## Goals (issue 5)", "", "| goal | measured | met |", "|---|---|---|"]
+    for goal, measured, met in rows:
+        lines.append(f"| {goal} | {measured} | {'yes' if met else 'no' if met is not None else '–'} |")
+    return lines + [""]
+
+
+def render(r: dict[str, Any]) -> str:
+    plan = r["plan"]
+    lines = [
+        "# tokenwire benchmarks",
+        "",
+        f"Written by `python -m bench{' --quick' if plan['name'] == 'quick' else ''}` "
+        f"(`make bench`) on {r.get('started', '?')}, in {r.get('elapsed_s', 0) / 60:.1f} min. "
+        "Every number below was measured in that one run on the machine described.",
+        "",
+    ]
+    for section in (_goals, _machine, _method, _latency, _ceiling, _cancel, _memory, _local, _parsers, _profile):
+        lines += section(r)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# -- plots --------------------------------------------------------------------------------
+
+
+def plot(r: dict[str, Any], directory: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig: Any, name: str) -> None:
+        path = directory / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    lat = r.get("latency")
+    if lat:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        levels = [int(x) for x in lat["levels"]]
+        for ax, key, title in ((axes[0], "p50_ms", "p50"), (axes[1], "p99_ms", "p99")):
+            for name in lat["levels"][str(levels[0])]:
+                ys = [lat["levels"][str(level)][name][key] for level in levels]
+                ax.plot(levels, ys, marker="o", label=LABELS.get(name, name), color=COLORS.get(name))
+            ax.set_xlabel("concurrent streams (20 tokens/s each)")
+            ax.set_ylabel(f"{title} added latency per token (ms)")
+            ax.set_yscale("log")
+            ax.set_title(f"{title} upstream write → client parse")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[1].axhline(5, color="black", linestyle=":", linewidth=1)
+        axes[0].legend(fontsize=8)
+        save(fig, "latency.png")
+        if lat.get("cdf"):
+            fig, ax = plt.subplots(figsize=(7, 4))
+            for name, q in lat["cdf"].items():
+                ys = [i / (len(q) - 1) for i in range(len(q))]
+                ax.plot(q, ys, label=LABELS.get(name, name), color=COLORS.get(name))
+            ax.set_xscale("log")
+            ax.set_xlabel("added latency per token (ms)")
+            ax.set_ylabel("fraction of tokens")
+            ax.set_title(f"latency distribution at {max(levels)} streams × 20 tokens/s")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+            save(fig, "latency_cdf.png")
+
+    c = r.get("ceiling")
+    if c:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, row in c["targets"].items():
+            steps = sorted(row["steps"], key=lambda s: s["offered_per_s"])
+            ax.plot([s["offered_per_s"] for s in steps], [s["p99_ms"] for s in steps], marker="o",
+                    label=LABELS.get(name, name), color=COLORS.get(name))  # fmt: skip
+        ax.axhline(c["p99_limit_ms"], color="black", linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"offered tokens/s ({c['streams']} streams)")
+        ax.set_ylabel("p99 added latency (ms)")
+        ax.set_title("throughput ceiling search")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "ceiling.png")
+
+    cancel = r.get("cancel")
+    if cancel:
+        keys = [k for k in next(iter(cancel["targets"].values())) if k != "load/background"]
+        names = list(cancel["targets"])
+        fig, ax = plt.subplots(figsize=(9, 4))
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            rows = cancel["targets"][name]
+            xs = [j + i * width for j in range(len(keys))]
+            ax.bar(xs, [rows[k]["p99_ms"] for k in keys], width, label=f"{LABELS.get(name, name)} p99",
+                   color=COLORS.get(name), alpha=0.5)  # fmt: skip
+            ax.bar(xs, [rows[k]["p50_ms"] for k in keys], width, color=COLORS.get(name))
+        ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(keys))], keys, fontsize=8)
+        ax.set_ylabel("client abort → upstream closed (ms)")
+        ax.set_yscale("log")
+        ax.set_title("cancellation latency: solid p50, light p99; dotted line 5 ms")
+        ax.axhline(5, color="black", linestyle=":", linewidth=1)
+        ax.legend(fontsize=8)
+        save(fig, "cancel.png")
+
+    mem = r.get("memory")
+    if mem:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names = list(mem["targets"])
+        ax.bar([LABELS.get(n, n) for n in names], [mem["targets"][n]["kib_per_stream"] for n in names],
+               color=[COLORS.get(n) for n in names])  # fmt: skip
+        ax.axhline(64, color="black", linestyle=":", linewidth=1)
+        ax.set_ylabel(f"KiB RSS per open stream ({mem['streams']} streams)")
+        ax.tick_params(axis="x", labelsize=7)
+        save(fig, "memory.png")
+
+    p = r.get("parsers")
+    if p:
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+        for ax, lang in ((axes[0], "python"), (axes[1], "js")):
+            table = p.get(lang, {})
+            if not table:
+                continue
+            fixtures = list(table)
+            parsers = list(next(iter(table.values())))
+            width = 0.8 / len(parsers)
+            for i, parser in enumerate(parsers):
+                ax.bar([j + i * width for j in range(len(fixtures))], [table[f][parser]["mb_per_s"] for f in fixtures],
+                       width, label=parser)  # fmt: skip
+            ax.set_xticks([j + width * (len(parsers) - 1) / 2 for j in range(len(fixtures))], fixtures)
+            ax.set_ylabel("MB/s")
+            ax.set_title(f"{lang} SSE parsers")
+            ax.legend(fontsize=7)
+        save(fig, "parsers.png")
+    return written
+
+
+def write(r: dict[str, Any], out_dir: Path) -> Path:
+    plot(r, out_dir / "plots")
+    path = out_dir / "RESULTS.md"
+    path.write_text(render(r))
+    return path
