@@ -47,8 +47,9 @@ export class SSEParser {
   #partial = [];
   #atStart = true;
   #skipLF = false;
-  /** @type {string[]} */
-  #data = [];
+  /** the data buffer; null until a data field arrives (a string, not an array: cheaper per event) */
+  /** @type {string|null} */
+  #data = null;
   #event = "";
   #lastEventId = "";
   /** @type {number|null} */
@@ -131,7 +132,7 @@ export class SSEParser {
   end() {
     this.#partial = [];
     this.#skipLF = false;
-    this.#data = [];
+    this.#data = null;
     this.#event = "";
     return [];
   }
@@ -156,7 +157,7 @@ export class SSEParser {
     }
     switch (name) {
       case "data":
-        this.#data.push(value);
+        this.#data = this.#data === null ? value : `${this.#data}\n${value}`;
         break;
       case "event":
         this.#event = value;
@@ -181,17 +182,17 @@ export class SSEParser {
   #dispatch(events) {
     // "If the data buffer is an empty string, set the data buffer and the event type buffer to
     // the empty string and return." (A `data` field with an empty value still dispatches "".)
-    if (this.#data.length === 0) {
+    if (this.#data === null) {
       this.#event = "";
       return;
     }
     events.push({
       event: this.#event || "message",
-      data: this.#data.join("\n"),
+      data: this.#data,
       id: this.#lastEventId,
       retry: this.#retry,
     });
-    this.#data = [];
+    this.#data = null;
     this.#event = "";
   }
 }
