@@ -9,11 +9,10 @@ token every 50 ms, so the expected text is the prompt itself.
 
 from __future__ import annotations
 
-import json
 import re
-import time
 
 import pytest
+from demo_page import record_output_lengths, server_log, status, wait_for_server_terminal
 
 from cutting_proxy import CutEventStreams, CuttingProxy
 from fakes import serve_app, wait_until
@@ -85,39 +84,6 @@ def stream_requests(proxy: CuttingProxy, mark: dict[int, int]) -> list[tuple[str
     return sorted(found, key=lambda request: request[0])
 
 
-def status(page) -> dict:
-    return page.eval_on_selector("#status", "el => ({text: el.textContent, ...el.dataset})")
-
-
-def record_output_lengths(page) -> None:
-    page.evaluate(
-        """() => {
-          const output = document.getElementById("output");
-          window.__lengths = [];
-          new MutationObserver(() => window.__lengths.push(output.textContent.length))
-            .observe(output, {childList: true, characterData: true, subtree: true});
-        }"""
-    )
-
-
-def server_log(app, stream_id: str) -> list[dict]:
-    result = app.state.relay.store.read_nowait(stream_id, 0)
-    events = []
-    for entry in result.entries:
-        data = [line[6:] for line in entry.decode().split("\n") if line.startswith("data: ")]
-        events.append(json.loads("\n".join(data)))
-    return events
-
-
-def wait_for_server_terminal(app, stream_id: str, timeout: float = 3.0) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        events = server_log(app, stream_id)
-        if events and events[-1]["type"] in ("done", "error"):
-            return events
-        if time.monotonic() > deadline:
-            pytest.fail(f"the server's log for {stream_id} did not end within {timeout} s")
-        time.sleep(0.02)
 
 
 def test_a_stream_cut_mid_event_completes_without_a_gap_or_a_repeat(demo, proxy, app):
