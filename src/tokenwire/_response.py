@@ -71,9 +71,9 @@ class EventStreamResponse:
         self.pending_since: float | None = None  # loop time a write began, while it is pending
         self.writer: asyncio.Task[object] | None = None
         self.dropped = False
-        self._loop_time = asyncio.get_running_loop().time
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._loop_time = asyncio.get_running_loop().time
         relay = self.relay
         stream_id = self.meta.stream_id
         try:
