@@ -131,7 +131,7 @@ def create_app(
             parsed = parse_stream_request(body)
             model = parsed.generation.model
             if model and not relay.provider.supports_model(model):
-                known = ", ".join(getattr(relay.provider, "routes", {}))
+                known = ", ".join(relay.provider.model_names() or ())
                 raise invalid(f"unknown model {model!r}; the models are: {known}", "model")
             key = request.headers.get("idempotency-key")
             if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:

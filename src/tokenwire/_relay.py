@@ -29,7 +29,6 @@ from ._events import (
     Error,
     Finish,
     Queued,
-    Reasoning,
     Start,
     StreamEvent,
     Token,

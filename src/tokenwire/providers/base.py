@@ -42,9 +42,14 @@ class Provider(abc.ABC):
     def model_for(self, request: GenerationRequest) -> str:
         return request.model or self.default_model
 
+    def model_names(self) -> list[str] | None:
+        """The models a request may name, or None when any name is passed upstream as it is."""
+        return None
+
     def supports_model(self, model: str) -> bool:
         """Whether a request may ask for ``model``; the app answers 400 otherwise."""
-        return True
+        names = self.model_names()
+        return names is None or model in names
 
     @abc.abstractmethod
     def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:

@@ -56,8 +56,8 @@ class RoutedProvider(Provider):
     def __repr__(self) -> str:
         return f"RoutedProvider({self.routes!r}, default={self.default_model!r})"
 
-    def supports_model(self, model: str) -> bool:
-        return model in self.routes
+    def model_names(self) -> list[str]:
+        return list(self.routes)
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
         name = self.model_for(request)

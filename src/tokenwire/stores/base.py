@@ -8,8 +8,19 @@ with a shared store (Redis) the reader may be another replica than the writer.
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+
+async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
+    """Stop a background task and wait until it has stopped."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class StreamNotFound(LookupError):

@@ -14,6 +14,7 @@ from .base import (
     StreamMeta,
     StreamNotFound,
     StreamStore,
+    cancel_and_wait,
 )
 
 
@@ -56,13 +57,8 @@ class MemoryStore(StreamStore):
             self._reaper = asyncio.create_task(self._reap_forever(), name="tokenwire-memory-reaper")
 
     async def aclose(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            try:
-                await self._reaper
-            except asyncio.CancelledError:
-                pass
-            self._reaper = None
+        await cancel_and_wait(self._reaper)
+        self._reaper = None
 
     async def create(self, meta: StreamMeta) -> None:
         self._logs[meta.stream_id] = _Log(meta)

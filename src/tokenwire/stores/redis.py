@@ -68,6 +68,7 @@ from .base import (
     StreamMeta,
     StreamNotFound,
     StreamStore,
+    cancel_and_wait,
 )
 
 logger = logging.getLogger("tokenwire")
@@ -234,13 +235,8 @@ class RedisStore(StreamStore):
         self._listener = asyncio.create_task(self._listen(pubsub), name="tokenwire-redis-cancel-listener")
 
     async def aclose(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            try:
-                await self._listener
-            except asyncio.CancelledError:
-                pass
-            self._listener = None
+        await cancel_and_wait(self._listener)
+        self._listener = None
         if self._pubsub is not None:
             await self._pubsub.aclose()
             self._pubsub = None
