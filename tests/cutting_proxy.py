@@ -223,9 +223,6 @@ class CuttingProxy(LoopbackServer):
     # -- forwarding ----------------------------------------------------------
 
     async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
         with self._lock:
             connection = ProxiedConnection(len(self._connections))
             self._connections.append(connection)
@@ -252,7 +249,6 @@ class CuttingProxy(LoopbackServer):
                 if writer is not None:
                     writer.close()
             connection.closed_at = time.monotonic()
-            self._handlers.discard(task)
 
     async def _upload(
         self, connection: ProxiedConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

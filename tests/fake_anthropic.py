@@ -153,9 +153,10 @@ class FakeAnthropicUpstream(FakeOpenAIUpstream):
                 if connection.closed_at is not None:
                     return False
                 delta = {"type": f"{kind}_delta", kind: text}
+                if kind == "text":
+                    request.token_times.append(time.monotonic())  # before the write, as in fakes.py
                 await _write(writer, _event("content_block_delta", {"index": index, "delta": delta}))
                 if kind == "text":
-                    request.token_times.append(time.monotonic())
                     written += 1
                     if self.usage_every and written % self.usage_every == 0:
                         await _write(writer, _message_delta(None, written))

@@ -20,12 +20,14 @@ import concurrent.futures
 import contextlib
 import json
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import uvicorn
@@ -61,6 +63,7 @@ class UpstreamRequest:
     received_at: float = field(default_factory=time.monotonic)
     token_times: list[float] = field(default_factory=list)  # when each content token was written
     completed: bool = False  # the whole response was written
+    target: str = ""  # the request line's target as sent (absolute through a proxy)
 
     @property
     def closed_at(self) -> float | None:
@@ -79,6 +82,8 @@ class LoopbackServer:
 
     def __init__(self) -> None:
         self.port = 0
+        #: Set before start() to serve TLS (the fake upstream's url is then https://).
+        self.ssl: ssl.SSLContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -90,6 +95,17 @@ class LoopbackServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError
 
+    async def _tracked(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await self._handle(reader, writer)
+        except asyncio.CancelledError:
+            pass  # stop(): end quietly (Python 3.11's start_server logs a cancelled handler)
+        finally:
+            self._handlers.discard(task)
+
     def start(self):  # type: ignore[no-untyped-def]
         loop = asyncio.new_event_loop()
         started = threading.Event()
@@ -98,7 +114,7 @@ class LoopbackServer:
             asyncio.set_event_loop(loop)
             self._on_loop_start()
             self._server = loop.run_until_complete(
-                asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=self.backlog)
+                asyncio.start_server(self._tracked, "127.0.0.1", 0, backlog=self.backlog, ssl=self.ssl)
             )
             self.port = self._server.sockets[0].getsockname()[1]
             started.set()
@@ -223,7 +239,7 @@ class FakeOpenAIUpstream(LoopbackServer):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def requests(self) -> list[UpstreamRequest]:
@@ -269,9 +285,6 @@ class FakeOpenAIUpstream(LoopbackServer):
     # -- the server ----------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
         connection = UpstreamConnection()
         with self._lock:
             self._connections.append(connection)
@@ -300,7 +313,6 @@ class FakeOpenAIUpstream(LoopbackServer):
             pass  # stop(): end quietly (Python 3.11's start_server logs a cancelled handler)
         finally:
             writer.close()
-            self._handlers.discard(task)
 
     async def _respond(self, request: UpstreamRequest, writer: asyncio.StreamWriter) -> bool:
         """Write the answer; False when the connection must not be reused."""
@@ -356,10 +368,11 @@ class FakeOpenAIUpstream(LoopbackServer):
                     return await self._fail(writer, connection)
             if connection.closed_at is not None:
                 return False
-            await _write(writer, chunk({kind: text}))
             if kind == "content":
+                # Noted before the write: a fast relay can deliver the token before _write returns.
                 request.token_times.append(time.monotonic())
                 written += 1
+            await _write(writer, chunk({kind: text}))
         if self.fail not in (None, "no_done"):  # fewer tokens than fail_after
             return await self._fail(writer, connection)
         await _write(writer, chunk({}, self.finish_reason))
@@ -429,7 +442,9 @@ async def _read_request(
             raise
         return None
     request_line, *header_lines = head.decode("latin-1").split("\r\n")
-    method, path, _version = request_line.split(" ", 2)
+    method, target, _version = request_line.split(" ", 2)
+    # A proxy is sent the absolute form (RFC 9112, 3.2.2), which every server must accept.
+    path = urlsplit(target).path if target.startswith(("http://", "https://")) else target
     headers = {}
     for line in header_lines:
         if line:
@@ -440,7 +455,7 @@ async def _read_request(
         body = json.loads(raw)
     except ValueError:
         body = None
-    return UpstreamRequest(method, path, headers, body, connection)
+    return UpstreamRequest(method, path, headers, body, connection, target=target)
 
 
 async def _watch_eof(reader: asyncio.StreamReader, connection: UpstreamConnection) -> None:

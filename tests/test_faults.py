@@ -1,7 +1,8 @@
 """Upstream faults, end to end: each ends the client's stream right, in time, and leaves nothing behind.
 
 A real uvicorn runs tokenwire in front of a fake upstream (OpenAI's format and
-Anthropic's, each test runs against both) that answers 500, 429 with
+Anthropic's, each test runs against both, and OpenAI's once more through httpx,
+the path of a caller's own client and of proxies) that answers 500, 429 with
 Retry-After, resets or closes the connection mid-stream, stalls before or
 between tokens, sends malformed JSON, or ends without its final chunk.  The
 stall timeouts are 0.5 s and heartbeats go out every 0.1 s, so a stall is
@@ -95,24 +96,27 @@ def count_sockets() -> int:
     return count
 
 
-@pytest.fixture(scope="module", params=["openai", "anthropic"])
+@pytest.fixture(scope="module", params=["openai", "anthropic", "openai-httpx"])
 def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
+    """tokenwire in front of a fake upstream: its own HTTP client (openai, anthropic) or httpx (openai-httpx)."""
     kind = request.param
     settings = Settings(first_token_timeout=TIMEOUT, idle_timeout=TIMEOUT, heartbeat=HEARTBEAT)
-    fake_class = FakeOpenAIUpstream if kind == "openai" else FakeAnthropicUpstream
+    fake_class = FakeAnthropicUpstream if kind == "anthropic" else FakeOpenAIUpstream
     # No keep-alive upstream: every upstream socket must be closed once its stream
     # ends, so that the socket balance is exact.  What closes a socket on cancel or
     # failure is the same with or without a pool.
-    upstream_client = httpx.AsyncClient(
-        http2=False,
-        timeout=httpx.Timeout(None, connect=10.0),
-        limits=httpx.Limits(max_keepalive_connections=0),
-    )
+    upstream_client = None
+    if kind == "openai-httpx":
+        upstream_client = httpx.AsyncClient(
+            http2=False,
+            timeout=httpx.Timeout(None, connect=10.0),
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
     with fake_class() as fake:
-        if kind == "openai":
-            provider: HTTPProvider = OpenAIProvider(fake.url + "/v1", client=upstream_client)
+        if kind == "anthropic":
+            provider: HTTPProvider = AnthropicProvider(fake.url, max_idle_connections=0)
         else:
-            provider = AnthropicProvider(fake.url, client=upstream_client)
+            provider = OpenAIProvider(fake.url + "/v1", client=upstream_client, max_idle_connections=0)
         app = create_app(settings, provider=provider)
         capture = LoopCapture(app)
         with serve_app(capture) as url:
@@ -122,7 +126,8 @@ def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
             with httpx.Client(timeout=5) as client:
                 client.post(url + "/api/stream", json={"prompt": "hi"}).raise_for_status()
             yield rig
-    asyncio.run(upstream_client.aclose())  # it holds no connection by now
+    if upstream_client is not None:
+        asyncio.run(upstream_client.aclose())  # it holds no connection by now
 
 
 @pytest.fixture

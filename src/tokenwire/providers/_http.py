@@ -19,7 +19,9 @@ import abc
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+import ssl
+import urllib.request
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -27,11 +29,10 @@ import httpx
 from .._events import Finish, ProviderEvent
 from .._exceptions import ProviderError
 from .._sse import ServerSentEvent, SSEDecoder
+from ._upstream import DRAIN_TIMEOUT, MAX_ERROR_BODY, ConnectError, StatusError, Target, UpstreamPool, request_head
 from .base import Provider
 
-MAX_ERROR_BODY = 64 * 1024  # bytes of an error answer we read to find its message
 MAX_MESSAGE = 500  # characters of an upstream message we pass on
-DRAIN_TIMEOUT = 1.0  # seconds we wait for the end of the body after the last event
 
 
 class SSEParser(abc.ABC):
@@ -57,8 +58,13 @@ class SSEParser(abc.ABC):
 class HTTPProvider(Provider):
     """A provider that POSTs JSON to an HTTP API and reads its answer as SSE.
 
-    ``client`` lets the caller share an ``httpx.AsyncClient``; it must not use
-    HTTP/2 (see the module docstring) and is not closed by :meth:`aclose`.
+    Requests go through tokenwire's own HTTP/1.1 client (:mod:`._upstream`),
+    except when the caller passes ``client``, an ``httpx.AsyncClient`` to
+    share (it must not use HTTP/2 and is not closed by :meth:`aclose`), or a
+    proxy in the environment (``HTTPS_PROXY``, ``ALL_PROXY``... minus
+    ``NO_PROXY``) covers the URL: those go through httpx, which speaks to proxies.
+    ``max_idle_connections`` bounds the keep-alive pool (0: no keep-alive);
+    ``ssl_context`` replaces the default TLS settings (certifi's roots).
     """
 
     #: The environment variable a user sets for this API's key (named in a 401's message).
@@ -71,20 +77,26 @@ class HTTPProvider(Provider):
         api_key: str | None = None,
         connect_timeout: float = 10.0,
         client: httpx.AsyncClient | None = None,
+        max_idle_connections: int = 32,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._connect_timeout = connect_timeout
         self._client = client
         self._owns_client = client is None
+        self._max_idle = max_idle_connections
+        self._ssl_context = ssl_context
+        self._pool = UpstreamPool(
+            connect_timeout=connect_timeout, max_idle=max_idle_connections, ssl_context=ssl_context
+        )
+        self._targets: dict[str, Target | None] = {}  # url -> where it goes; None: through httpx
 
     def __repr__(self) -> str:  # never shows the key
         return f"{type(self).__name__}({self.base_url!r}, model={self.default_model!r})"
 
-    async def startup(self) -> None:
-        self._get_client()
-
     async def aclose(self) -> None:
+        await self._pool.aclose()
         if self._owns_client and self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
@@ -98,21 +110,66 @@ class HTTPProvider(Provider):
                 timeout=httpx.Timeout(None, connect=self._connect_timeout),
                 # No connection cap: admission is the relay's job, and a hidden
                 # pool limit would queue streams without telling anyone.
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=self._max_idle),
+                verify=self._ssl_context or True,
             )
         return self._client
 
-    async def stream_sse(
+    def _target(self, url: str) -> Target | None:
+        """Where ``url``'s requests go directly, or None if httpx carries them (a client passed in, a proxy)."""
+        try:
+            return self._targets[url]
+        except KeyError:
+            pass
+        target: Target | None = None
+        if self._owns_client:
+            target = Target.parse(url)
+            proxies = urllib.request.getproxies_environment()
+            if proxies.get(target.scheme) or proxies.get("all"):
+                if not urllib.request.proxy_bypass_environment(target.netloc, proxies):
+                    target = None
+        self._targets[url] = target
+        return target
+
+    def stream_sse(
         self, url: str, body: dict[str, Any], headers: dict[str, str], parser: SSEParser
     ) -> AsyncIterator[ProviderEvent]:
         """POST ``body`` to ``url`` and yield what ``parser`` makes of the answer, ``Finish`` last."""
-        client = self._get_client()
         headers = {
             "accept": "text/event-stream",
             # A compressed event stream could be buffered by the upstream's encoder.
             "accept-encoding": "identity",
             **headers,
         }
+        target = self._target(url)
+        if target is None:
+            return self._stream_httpx(url, body, headers, parser)
+        return self._stream_direct(target, body, headers, parser)
+
+    async def _stream_direct(
+        self, target: Target, body: dict[str, Any], headers: dict[str, str], parser: SSEParser
+    ) -> AsyncIterator[ProviderEvent]:
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        try:
+            head = request_head(target, headers, len(content))
+        except ValueError as exc:
+            raise ProviderError("upstream_error", f"cannot send the request to the upstream: {exc}") from None
+        try:
+            async with contextlib.aclosing(self._pool.stream(target, head, content, parser)) as events:
+                async for event in events:
+                    yield event
+        except StatusError as exc:
+            raise self._status_error(exc.status, exc.headers, exc.body) from None
+        except ConnectError as exc:
+            raise self._connect_error(exc.__cause__ or exc) from None
+        if not parser.complete:
+            raise ProviderError("upstream_error", "the upstream ended the stream early", retryable=True)
+        yield parser.finish()
+
+    async def _stream_httpx(
+        self, url: str, body: dict[str, Any], headers: dict[str, str], parser: SSEParser
+    ) -> AsyncIterator[ProviderEvent]:
+        client = self._get_client()
         socket = _NewSocket()
         try:
             async with client.stream(
@@ -120,7 +177,9 @@ class HTTPProvider(Provider):
             ) as response:
                 socket.answered = True
                 if not response.is_success:
-                    raise await self._status_error(response)
+                    raise self._status_error(
+                        response.status_code, response.headers, await _read_error_body(response)
+                    )
                 decoder = SSEDecoder()
                 async with contextlib.aclosing(response.aiter_bytes()) as chunks:
                     try:
@@ -147,19 +206,8 @@ class HTTPProvider(Provider):
                                 f"the connection to the upstream was lost mid-stream ({describe(exc)})",
                                 retryable=True,
                             ) from None
-        except httpx.ConnectTimeout:
-            raise ProviderError(
-                "upstream_timeout",
-                f"could not connect to the upstream at {self._where()} within {self._connect_timeout:g} s",
-                retryable=True,
-            ) from None
-        except httpx.ConnectError as exc:
-            raise ProviderError(
-                "upstream_error",
-                f"cannot connect to the upstream at {self._where()} ({describe(exc)}): "
-                "is it running? check --base-url",
-                retryable=True,
-            ) from None
+        except (httpx.ConnectTimeout, httpx.ConnectError) as exc:
+            raise self._connect_error(exc) from None
         except httpx.TimeoutException as exc:
             raise ProviderError(
                 "upstream_timeout", f"the upstream timed out ({describe(exc)})", retryable=True
@@ -174,24 +222,35 @@ class HTTPProvider(Provider):
             raise ProviderError("upstream_error", "the upstream ended the stream early", retryable=True)
         yield parser.finish()
 
-    async def _status_error(self, response: httpx.Response) -> ProviderError:
-        body = bytearray()
-        try:
-            async with contextlib.aclosing(response.aiter_bytes()) as chunks:
-                async for chunk in chunks:
-                    body += chunk
-                    if len(body) >= MAX_ERROR_BODY:
-                        break
-        except httpx.HTTPError:
-            pass  # the status says enough
-        status = response.status_code
-        message = self.redact(error_message(bytes(body[:MAX_ERROR_BODY])))
+    def _connect_error(self, exc: BaseException) -> ProviderError:
+        if isinstance(exc, (TimeoutError, httpx.ConnectTimeout)):
+            return ProviderError(
+                "upstream_timeout",
+                f"could not connect to the upstream at {self._where()} within {self._connect_timeout:g} s",
+                retryable=True,
+            )
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return ProviderError(
+                "upstream_error",
+                f"the TLS certificate of the upstream at {self._where()} was not accepted "
+                f"({exc.verify_message or describe(exc)}): set SSL_CERT_FILE to a CA bundle that holds its root",
+                retryable=False,
+            )
+        return ProviderError(
+            "upstream_error",
+            f"cannot connect to the upstream at {self._where()} ({describe(exc)}): "
+            "is it running? check --base-url",
+            retryable=True,
+        )
+
+    def _status_error(self, status: int, headers: Mapping[str, str], body: bytes) -> ProviderError:
+        message = self.redact(error_message(body[:MAX_ERROR_BODY]))
         text = f"the upstream answered HTTP {status}"
         if status in (401, 403):
             text += f" (check the upstream API key: set {self.key_variable} or pass --api-key-env)"
         if message:
             text += f": {message}"
-        retry_after = response.headers.get("retry-after")
+        retry_after = headers.get("retry-after")
         if status == 429 and retry_after:
             text += f" (retry after {retry_after[:32]} s)"
         return ProviderError("upstream_error", text, retryable=status == 429 or status >= 500)
@@ -204,6 +263,19 @@ class HTTPProvider(Provider):
         if self._api_key:
             text = text.replace(self._api_key, "***")
         return text
+
+
+async def _read_error_body(response: httpx.Response) -> bytes:
+    body = bytearray()
+    try:
+        async with contextlib.aclosing(response.aiter_bytes()) as chunks:
+            async for chunk in chunks:
+                body += chunk
+                if len(body) >= MAX_ERROR_BODY:
+                    break
+    except httpx.HTTPError:
+        pass  # the status says enough
+    return bytes(body[:MAX_ERROR_BODY])
 
 
 class _NewSocket:

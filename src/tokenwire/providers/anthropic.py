@@ -21,6 +21,7 @@ included (closing the generator closes the upstream socket), is
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -49,8 +50,8 @@ class AnthropicProvider(HTTPProvider):
     """Streams from ``{base_url}/v1/messages`` (default ``https://api.anthropic.com``).
 
     ``max_tokens`` is required by the API: ``max_tokens_default`` is sent when a
-    request has none.  ``client`` lets the caller share an ``httpx.AsyncClient``;
-    it must not use HTTP/2 and is not closed by :meth:`aclose`.
+    request has none.  ``client``, ``max_idle_connections`` and ``ssl_context``:
+    see :class:`HTTPProvider`.
     """
 
     name = "anthropic"
@@ -65,9 +66,16 @@ class AnthropicProvider(HTTPProvider):
         connect_timeout: float = 10.0,
         max_tokens_default: int = 1024,
         client: httpx.AsyncClient | None = None,
+        max_idle_connections: int = 32,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(
-            base_url or DEFAULT_BASE_URL, api_key=api_key, connect_timeout=connect_timeout, client=client
+            base_url or DEFAULT_BASE_URL,
+            api_key=api_key,
+            connect_timeout=connect_timeout,
+            client=client,
+            max_idle_connections=max_idle_connections,
+            ssl_context=ssl_context,
         )
         self.url = self.base_url + "/v1/messages"
         self.default_model = model or DEFAULT_MODEL

@@ -12,6 +12,7 @@ upstream socket), is :class:`~tokenwire.providers._http.HTTPProvider`'s.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -29,8 +30,7 @@ __all__ = ["MAX_ERROR_BODY", "OpenAIProvider"]
 class OpenAIProvider(HTTPProvider):
     """Streams from ``{base_url}/chat/completions``, e.g. ``http://127.0.0.1:8080/v1``.
 
-    ``client`` lets the caller share an ``httpx.AsyncClient``; it must not use
-    HTTP/2 and is not closed by :meth:`aclose`.
+    ``client``, ``max_idle_connections`` and ``ssl_context``: see :class:`HTTPProvider`.
     """
 
     name = "openai"
@@ -44,8 +44,17 @@ class OpenAIProvider(HTTPProvider):
         api_key: str | None = None,
         connect_timeout: float = 10.0,
         client: httpx.AsyncClient | None = None,
+        max_idle_connections: int = 32,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(base_url, api_key=api_key, connect_timeout=connect_timeout, client=client)
+        super().__init__(
+            base_url,
+            api_key=api_key,
+            connect_timeout=connect_timeout,
+            client=client,
+            max_idle_connections=max_idle_connections,
+            ssl_context=ssl_context,
+        )
         self.url = self.base_url + "/chat/completions"
         self.default_model = model or "default"
 
