@@ -47,6 +47,9 @@ logger = logging.getLogger("tokenwire")
 # Seconds a resumable stream's reader counts as present without renewing.
 READER_LEASE = 15.0
 
+#: The scope key under which tokenwire's app leaves the server's own ``send`` (see ``_app._App``).
+SERVER_SEND = "tokenwire.server_send"
+
 
 class ClientGone(Exception):
     """The client disconnected, or stopped reading for longer than the send timeout."""
@@ -91,6 +94,8 @@ class EventStreamResponse:
             await self._send(send, {"type": "http.response.start", "status": 200, "headers": headers})
             # The first body bytes flush the headers through any proxy at once.
             await self._send(send, _body(encode_retry(relay.options.retry_ms)))
+            # The body skips the middleware, which only looks at the response start.
+            send = scope.get(SERVER_SEND, send)
             sender = asyncio.create_task(self._pump(send, backlog))
             watcher = asyncio.create_task(_wait_for_disconnect(receive))
             try:
