@@ -154,7 +154,9 @@ async def run(
 
     if "local" in sections:
         with Section(results, "local"):
-            results["local"] = await local_bench.bench(plan.local_runs, plan.local_max_tokens, log_dir, log)
+            results["local"] = await local_bench.bench(
+                plan.local_runs, plan.local_max_tokens, log_dir, log, cancel_runs=plan.local_cancel_probes
+            )
         save()
     if "parsers" in sections:
         with Section(results, "parsers"):

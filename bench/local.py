@@ -12,12 +12,20 @@ TTFT: from the call (direct) or from sending the POST (tokenwire) to the first t
 threads wait for each other at every step, so any other process on the machine slows a run a lot:
 the report gives every run and the best besides the median.
 Decode rate: (tokens - 1) / (last token - first token).  End to end: tokens / (last token - call).
+
+Cancellation through the local provider (``cancel_probes``), measured at the clients only, on one
+clock: three streams A (generating), B (queued, 1st) and C (queued, 2nd).  Aborting B (*queued*),
+or A after its 3rd token (*mid-stream*), or A while it still evaluates a long prompt (*before first
+token*) moves C up to 1st; the latency is from the abort to C parsing its ``queued`` event with
+position 1.  That covers the relay noticing the disconnect, the job leaving the queue or llama.cpp
+stopping mid-step (its abort callback), and the next job being started and the rest told so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -81,6 +89,95 @@ async def run_tokenwire(client: httpx.AsyncClient, port: int, max_tokens: int) -
     return _result(started, stamps, pieces)
 
 
+class _Probe:
+    """One POSTed stream read in a task of its own: its events, each with the time it was parsed."""
+
+    def __init__(self, client: httpx.AsyncClient, port: int, body: dict[str, Any]) -> None:
+        self.events: list[tuple[float, dict[str, Any]]] = []
+        self._changed = asyncio.Event()
+        self.task = asyncio.create_task(self._read(client, port, body))
+
+    async def _read(self, client: httpx.AsyncClient, port: int, body: dict[str, Any]) -> None:
+        decoder = SSEDecoder()
+        async with client.stream("POST", f"http://127.0.0.1:{port}/api/stream", json=body) as response:
+            response.raise_for_status()
+            async for chunk in response.aiter_raw():
+                now = time.perf_counter()
+                for sse in decoder.decode(chunk):
+                    self.events.append((now, json.loads(sse.data)))
+                self._changed.set()
+
+    async def wait_for(self, match: Any, timeout: float = 30.0) -> float:
+        """The parse time of the first event ``match(event)`` accepts, waiting for it if need be."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for at, event in self.events:
+                    if match(event):
+                        return at
+                if self.task.done():
+                    raise RuntimeError(f"the stream ended without the event awaited: {self.events[-3:]}")
+                self._changed.clear()
+                await self._changed.wait()
+
+    def tokens(self) -> int:
+        return sum(e["type"] == "token" for _, e in self.events)
+
+    async def abort(self) -> float:
+        at = time.perf_counter()
+        self.task.cancel()  # closes the connection: httpx never reuses a half-read response's socket
+        await asyncio.gather(self.task, return_exceptions=True)
+        return at
+
+
+def _queued_at(position: int) -> Any:
+    return lambda e: e["type"] == "queued" and e.get("position") == position
+
+
+async def cancel_probe(client: httpx.AsyncClient, port: int, phase: str) -> float | None:
+    """One probe (see the module docstring): ms from the abort to C hearing it moved up; None if void."""
+    long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 150)  # ~1,500 tokens to evaluate
+    a_body = {"prompt": long_prompt if phase == "before first token" else PROMPT, "max_tokens": 400}
+    a = _Probe(client, port, a_body)
+    b = c = None
+    try:
+        await a.wait_for(lambda e: e["type"] == ("start" if phase == "before first token" else "token"))
+        b = _Probe(client, port, {"prompt": "hi", "max_tokens": 4})
+        await b.wait_for(_queued_at(1))
+        c = _Probe(client, port, {"prompt": "hi", "max_tokens": 4})
+        await c.wait_for(_queued_at(2))
+        if phase == "mid-stream":
+            await a.wait_for(lambda e: e["type"] == "token" and a.tokens() >= 3)
+        victim = b if phase == "queued" else a
+        if phase == "before first token" and a.tokens():
+            return None  # the prompt was evaluated already: not this phase
+        aborted = await victim.abort()
+        moved = await c.wait_for(_queued_at(1), timeout=10)
+        if phase == "before first token" and a.tokens():
+            return None
+        return (moved - aborted) * 1000
+    finally:
+        for probe in (a, b, c):
+            if probe is not None:
+                await probe.abort()
+
+
+async def cancel_probes(client: httpx.AsyncClient, port: int, probes: int, log: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for phase in ("queued", "before first token", "mid-stream"):
+        samples = [ms for ms in [await cancel_probe(client, port, phase) for _ in range(probes)] if ms is not None]
+        samples.sort()
+        row: dict[str, Any] = {"n": len(samples), "void": probes - len(samples)}
+        if samples:
+            row |= {
+                "p50_ms": statistics.median(samples),
+                "p99_ms": samples[min(len(samples) - 1, max(0, math.ceil(0.99 * len(samples)) - 1))],
+                "max_ms": samples[-1],
+            }
+            log(f"local   cancel {phase:<18}: p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  n {row['n']}")
+        out[phase] = row
+    return out
+
+
 def _median(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
@@ -137,7 +234,7 @@ def worker(max_tokens: int) -> None:
     llm.close()
 
 
-async def bench(runs: int, max_tokens: int, log_dir: Path, log: Any) -> dict[str, Any]:
+async def bench(runs: int, max_tokens: int, log_dir: Path, log: Any, cancel_runs: int = 10) -> dict[str, Any]:
     try:
         import llama_cpp  # noqa: F401
     except ImportError as exc:
@@ -181,6 +278,8 @@ async def bench(runs: int, max_tokens: int, log_dir: Path, log: Any) -> dict[str
         out["e2e_ratio"] = out["tokenwire"]["e2e_tokens_per_s"] / out["direct"]["e2e_tokens_per_s"]
         if not same_text:
             log("local   WARNING: tokenwire and llama-cpp-python generated different texts")
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+            out["cancel"] = await cancel_probes(client, server.port, cancel_runs, log)
         return out
     finally:
         direct.close()
