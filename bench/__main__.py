@@ -87,8 +87,8 @@ def pinning() -> tuple[set[int] | None, set[int] | None]:
 async def run(
     sections: list[str], plan: Any, out_dir: Path, results: dict[str, Any], cpus: tuple[set[int] | None, set[int] | None]
 ) -> None:
-    from . import machine, parsers, relay, servers
     from . import local as local_bench
+    from . import machine, parsers, relay, servers
     from . import profile as profile_bench
     from .loadgen import Target
     from .upstream import FakeUpstream

@@ -25,7 +25,6 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fakes import FakeOpenAIUpstream, active_streams, iter_events, serve_app, wait_until  # noqa: E402
-
 from tokenwire import Settings, create_app  # noqa: E402
 from tokenwire.providers.openai import OpenAIProvider  # noqa: E402
 

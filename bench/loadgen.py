@@ -270,7 +270,6 @@ async def run_streams(
     result = RunResult(target.name, streams, rate, measure_s, expected_tokens=0)
     t0 = monotonic_ns()
     cpu0 = os.times()
-    server_cpu0 = _cpu_seconds(server_pid)
     tag = next(_ids)
 
     async def start(i: int) -> StreamClient:

@@ -29,7 +29,15 @@ import httpx
 from .._events import Finish, ProviderEvent
 from .._exceptions import ProviderError
 from .._sse import ServerSentEvent, SSEDecoder
-from ._upstream import DRAIN_TIMEOUT, MAX_ERROR_BODY, ConnectError, StatusError, Target, UpstreamPool, request_head
+from ._upstream import (
+    DRAIN_TIMEOUT,
+    MAX_ERROR_BODY,
+    ConnectError,
+    StatusError,
+    Target,
+    UpstreamPool,
+    request_head,
+)
 from .base import Provider
 
 MAX_MESSAGE = 500  # characters of an upstream message we pass on
