@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tokenwire._events import (
     Done,
@@ -24,7 +26,15 @@ from tokenwire._events import (
     encode_event,
     encode_token_event,
 )
-from tokenwire._sse import KEEPALIVE, ServerSentEvent, SSEDecoder, encode_retry
+from tokenwire._sse import (
+    KEEPALIVE,
+    EventDecoder,
+    LineDecoder,
+    ServerSentEvent,
+    SSEDecoder,
+    TextDecoder,
+    encode_retry,
+)
 
 CASES_PATH = Path(__file__).parent / "fixtures" / "sse" / "cases.json"
 CASES: list[dict[str, Any]] = json.loads(CASES_PATH.read_text(encoding="utf-8"))
@@ -85,6 +95,51 @@ def test_empty_chunks_change_nothing(case: dict[str, Any]) -> None:
     for i in range(len(data)):
         chunks += [data[i : i + 1], b""]
     assert decode_chunks(chunks) == case["events"]
+
+
+# --- SSEDecoder fuses the layers (bytes -> lines in one step): it must agree with them
+
+BOM = "\ufeff".encode()
+# Bytes that UTF-8 decoding must not get wrong at a line end or a read boundary: two- and four-byte
+# characters, a truncated character, an invalid byte, a BOM; and bytes the fields treat specially.
+VALUE_PIECES = [
+    b"x", b"1", b" ", b":", b"\x00", "\u00e9".encode(), "\U0001f600".encode(), b"\xe6\x97", b"\xff", BOM,
+]  # fmt: skip
+values = st.lists(st.sampled_from(VALUE_PIECES), max_size=4).map(b"".join)
+line_ends = st.sampled_from([b"\n", b"\r", b"\r\n"])
+field_lines = st.tuples(
+    st.sampled_from([b"data", b"id", b"event", b"retry", b"", b"x"]),
+    st.sampled_from([b"", b":", b": ", b":  "]),
+    values,
+    line_ends,
+).map(b"".join)
+streams = st.tuples(
+    st.sampled_from([b"", BOM, BOM[:2]]), st.lists(field_lines | line_ends, max_size=10), values
+).map(lambda parts: parts[0] + b"".join(parts[1]) + parts[2])
+
+
+def decode_with_layers(chunks: list[bytes]) -> tuple[list[dict[str, Any]], str, int | None]:
+    text, lines, events = TextDecoder(), LineDecoder(), EventDecoder()
+    out = []
+    for chunk in chunks:
+        out += [events.decode(line) for line in lines.decode(text.decode(chunk))]
+    out += [events.decode(line) for line in lines.decode(text.flush()) + lines.flush()]
+    return [as_dict(e) for e in out if e is not None], events.last_event_id, events.retry
+
+
+def decode_fused(chunks: list[bytes]) -> tuple[list[dict[str, Any]], str, int | None]:
+    decoder = SSEDecoder()
+    out = [e for chunk in chunks for e in decoder.decode(chunk)] + decoder.flush()
+    return [as_dict(e) for e in out], decoder.last_event_id, decoder.retry
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams)
+def test_sse_decoder_matches_the_layers(data: bytes) -> None:
+    chunkings = [[data], [data[i : i + 1] for i in range(len(data))]]
+    chunkings += [[data[:i], data[i:]] for i in range(1, len(data))]
+    for chunks in chunkings:
+        assert decode_fused(chunks) == decode_with_layers(chunks), chunks
 
 
 # --- the encoder helpers: what we write must read back as what we meant

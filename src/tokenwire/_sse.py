@@ -6,6 +6,13 @@ they completed::
 
     bytes --TextDecoder--> text --LineDecoder--> lines --EventDecoder--> ServerSentEvent
 
+``SSEDecoder`` runs the same algorithm with the first two layers fused, for
+speed: it finds line ends in the bytes, keeps an unterminated line as bytes, and
+decodes each run of complete lines in one call; ``EventDecoder.decode_lines``
+then takes all of a chunk's lines in one call, with fast paths for the
+``data: ``, ``id: `` and blank lines that most streams are made of.
+tests/test_sse.py checks ``SSEDecoder`` against the three layers on random input.
+
 Spec points that decide behaviour are quoted where they apply.  One deliberate
 addition: a dispatched event carries ``retry``, the reconnection time set by the
 last valid ``retry`` field seen so far (``None`` if none), because a ``retry``
@@ -117,10 +124,46 @@ class EventDecoder:
         return self._retry
 
     def decode(self, line: str) -> ServerSentEvent | None:
-        if not line:
-            return self._dispatch()
+        """One line, without its line end: the event it dispatches, if any."""
+        events = self.decode_lines([line])
+        return events[0] if events else None
+
+    def decode_lines(self, lines: list[str]) -> list[ServerSentEvent]:
+        """``decode`` for each line in turn, in one call: the events they complete."""
+        events = []
+        data = self._data
+        for line in lines:
+            # Fast paths for the lines most streams are made of ("data: ", blank, "id: "),
+            # the value's one leading space already removed; any other line goes to _field.
+            if line[:6] == "data: ":
+                data.append(line[6:])
+            elif not line:
+                # "If the data buffer is an empty string, set the data buffer and the
+                # event type buffer to the empty string and return."
+                if data:
+                    # (event, data, id, retry): positional, as keywords cost a quarter more.
+                    events.append(
+                        ServerSentEvent(
+                            self._event or "message", "\n".join(data), self._last_event_id, self._retry
+                        )
+                    )
+                    data = self._data = []
+                self._event = ""
+            elif line[:4] == "id: ":
+                if "\x00" not in line:  # "If the field value does not contain U+0000 NULL"
+                    self._last_event_id = line[4:]
+            else:
+                self._field(line)
+        return events
+
+    def reset_event(self) -> None:
+        """Discard a half-received event (the connection ended inside it)."""
+        self._data = []
+        self._event = ""
+
+    def _field(self, line: str) -> None:
         if line[0] == ":":
-            return None  # "If the line starts with a U+003A COLON character (:) Ignore the line."
+            return  # "If the line starts with a U+003A COLON character (:) Ignore the line."
         name, colon, value = line.partition(":")
         if colon and value[:1] == " ":
             value = value[1:]  # "If value starts with a U+0020 SPACE character, remove it"
@@ -131,41 +174,19 @@ class EventDecoder:
         elif name == "id":
             if "\x00" not in value:  # "If the field value does not contain U+0000 NULL"
                 self._last_event_id = value
-        elif name == "retry":
-            if value and value.isascii() and value.isdigit():
-                self._retry = int(value)
+        elif name == "retry" and value.isascii() and value.isdigit():
+            self._retry = int(value)
         # "Otherwise: The field is ignored."
-        return None
-
-    def reset_event(self) -> None:
-        """Discard a half-received event (the connection ended inside it)."""
-        self._data = []
-        self._event = ""
-
-    def _dispatch(self) -> ServerSentEvent | None:
-        # "If the data buffer is an empty string, set the data buffer and the
-        # event type buffer to the empty string and return."
-        if not self._data:
-            self._event = ""
-            return None
-        event = ServerSentEvent(
-            event=self._event or "message",
-            data="\n".join(self._data),
-            id=self._last_event_id,
-            retry=self._retry,
-        )
-        self._data = []
-        self._event = ""
-        return event
 
 
 class SSEDecoder:
     """bytes -> events, for any chunking of the input."""
 
     def __init__(self) -> None:
-        self._text = TextDecoder()
-        self._lines = LineDecoder()
         self._events = EventDecoder()
+        self._at_start = True
+        self._pending: list[bytes] = []  # the unterminated last line, as it arrived
+        self._skip_lf = False
 
     @property
     def last_event_id(self) -> str:
@@ -176,7 +197,44 @@ class SSEDecoder:
         return self._events.retry
 
     def decode(self, chunk: bytes) -> list[ServerSentEvent]:
-        return self._feed(self._lines.decode(self._text.decode(chunk)))
+        if self._at_start:
+            # "One leading U+FEFF BYTE ORDER MARK character must be ignored": wait for
+            # three bytes, or fewer that cannot begin one.
+            chunk = b"".join(self._pending) + chunk
+            if len(chunk) < len(codecs.BOM_UTF8) and codecs.BOM_UTF8.startswith(chunk):
+                self._pending = [chunk] if chunk else []
+                return []
+            self._at_start = False
+            self._pending = []
+            chunk = chunk.removeprefix(codecs.BOM_UTF8)
+        if self._skip_lf and chunk:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            # A CR that ends the chunk ends its line; an LF that starts the next is its partner.
+            self._skip_lf = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        end = chunk.rfind(b"\n")
+        if end < 0:  # still inside a line
+            if chunk:
+                self._pending.append(chunk)
+            return []
+        # Line ends are ASCII, which UTF-8 never uses inside a character and the
+        # replacement of invalid bytes never swallows: text decoded a run of complete
+        # lines at a time is the text of the whole stream, split.
+        if self._pending:
+            # The line that completes the pending bytes is decoded on its own: it may be
+            # long (a large event, over many reads), and need not be split again.
+            first = chunk.find(b"\n")
+            self._pending.append(chunk[:first])
+            lines = [b"".join(self._pending).decode("utf-8", "replace")]
+            if first < end:
+                lines += chunk[first + 1 : end].decode("utf-8", "replace").split("\n")
+        else:
+            lines = chunk[:end].decode("utf-8", "replace").split("\n")
+        self._pending = [chunk[end + 1 :]] if end + 1 < len(chunk) else []
+        return self._events.decode_lines(lines)
 
     def flush(self) -> list[ServerSentEvent]:
         """End of the stream: what completes now; the unterminated tail is discarded.
@@ -184,16 +242,10 @@ class SSEDecoder:
         Afterwards the decoder is ready for a new connection, keeping only the
         last event id and the reconnection time, as an EventSource does.
         """
-        events = self._feed(self._lines.decode(self._text.flush()))
-        self._text = TextDecoder()
-        self._lines = LineDecoder()
+        # "Once the end of the file is reached, any pending data must be discarded":
+        # an unterminated last line is not a line, so nothing completes.
+        self._at_start = True
+        self._pending = []
+        self._skip_lf = False
         self._events.reset_event()
-        return events
-
-    def _feed(self, lines: list[str]) -> list[ServerSentEvent]:
-        events = []
-        for line in lines:
-            event = self._events.decode(line)
-            if event is not None:
-                events.append(event)
-        return events
+        return []
