@@ -136,6 +136,10 @@ class _Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        if self.sse is None:
+            # Bytes on an idle pooled connection answer nothing we asked: it cannot be reused.
+            self.abort()
+            return
         self.received = True
         if self.failure is None:
             try:
