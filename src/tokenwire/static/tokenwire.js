@@ -33,6 +33,8 @@
 
 const LF = 10;
 const CR = 13;
+const COLON = 58;
+const SPACE = 32;
 const BOM = 0xfeff;
 const DIGITS = /^[0-9]+$/;
 
@@ -84,43 +86,39 @@ export class SSEParser {
     /** @type {ServerSentEvent[]} */
     const events = [];
     if (!text) return events;
+    const n = text.length;
     let pos = 0;
     if (this.#atStart) {
       this.#atStart = false;
       // "One leading U+FEFF BYTE ORDER MARK character must be ignored if any are present."
       if (text.charCodeAt(0) === BOM) pos = 1;
     }
-    if (this.#skipLF) {
+    // The first CR and the first LF of the text (-1: none), if searched for the line below.
+    let cr = -2;
+    let lf = -2;
+    if (this.#partial.length) {
+      // A line begun in an earlier chunk (so pos is 0): parse it whole once its CR or LF arrives.
+      cr = text.indexOf("\r");
+      lf = text.indexOf("\n");
+      const end = cr === -1 ? lf : lf === -1 ? cr : Math.min(cr, lf);
+      if (end === -1) {
+        this.#partial.push(text);
+        return events;
+      }
+      this.#partial.push(text.slice(0, end + 1));
+      const line = this.#partial.join("");
+      this.#partial = [];
+      // The line's CR or LF is its last character, its only one.
+      const last = line.length - 1;
+      this.#lines(line, 0, end === cr ? last : -1, end === cr ? -1 : last, events);
+      pos = end + 1;
+    }
+    if (this.#skipLF && pos < n) {
       this.#skipLF = false;
       if (text.charCodeAt(pos) === LF) pos += 1;
     }
-    const n = text.length;
-    // Next CR and next LF at or after pos; each is searched again only once passed, so the whole
-    // chunk is scanned once whatever the mix of line endings.
-    let cr = -2;
-    let lf = -2;
-    while (pos < n) {
-      if (cr !== -1 && cr < pos) cr = text.indexOf("\r", pos);
-      if (lf !== -1 && lf < pos) lf = text.indexOf("\n", pos);
-      let end = cr === -1 ? lf : lf === -1 ? cr : Math.min(cr, lf);
-      if (end === -1) {
-        this.#partial.push(text.slice(pos));
-        break;
-      }
-      let line = text.slice(pos, end);
-      if (this.#partial.length) {
-        this.#partial.push(line);
-        line = this.#partial.join("");
-        this.#partial = [];
-      }
-      if (end === cr) {
-        // "end-of-line = ( cr lf / cr / lf )"
-        if (end + 1 === n) this.#skipLF = true;
-        else if (text.charCodeAt(end + 1) === LF) end += 1;
-      }
-      pos = end + 1;
-      this.#processLine(line, events);
-    }
+    pos = this.#lines(text, pos, cr, lf, events);
+    if (pos < n) this.#partial.push(text.slice(pos));
     return events;
   }
 
@@ -138,43 +136,99 @@ export class SSEParser {
   }
 
   /**
-   * @param {string} line
+   * Parses the lines of text from pos up to its last CR or LF, in place: only field values are
+   * sliced out of the text, not lines.
+   * @param {string} text
+   * @param {number} pos
+   * @param {number} cr  the next CR at or after pos (-1: none), or any index below pos if not known
+   * @param {number} lf  the next LF, likewise
    * @param {ServerSentEvent[]} events
+   * @returns {number} where the unterminated rest of the text starts (text.length if none)
    */
-  #processLine(line, events) {
-    if (line.length === 0) {
-      this.#dispatch(events);
-      return;
+  #lines(text, pos, cr, lf, events) {
+    const n = text.length;
+    while (pos < n) {
+      const first = text.charCodeAt(pos);
+      let end = pos;
+      let isCR = first === CR;
+      if (isCR || first === LF) {
+        // A blank line.
+        this.#dispatch(events);
+      } else if (first === 105 /* i */ && (end = idLineEnd(text, pos)) !== -1) {
+        // "id:" and a value without U+0000: it sets the last event ID (see #field), less a leading
+        // space.
+        isCR = text.charCodeAt(end) === CR;
+        this.#lastEventId = text.slice(text.charCodeAt(pos + 3) === SPACE ? pos + 4 : pos + 3, end);
+      } else {
+        // The next CR and the next LF are searched again only once passed, so the text is scanned
+        // once whatever the mix of line endings.
+        if (cr !== -1 && cr < pos) cr = text.indexOf("\r", pos);
+        if (lf !== -1 && lf < pos) lf = text.indexOf("\n", pos);
+        end = cr === -1 ? lf : lf === -1 ? cr : Math.min(cr, lf);
+        if (end === -1) return pos;
+        isCR = end === cr;
+        this.#field(text, pos, end, first);
+      }
+      // "end-of-line = ( cr lf / cr / lf )"; the LF after a CR that ends the text is in the next one.
+      pos = end + 1;
+      if (isCR) {
+        if (pos === n) this.#skipLF = true;
+        else if (text.charCodeAt(pos) === LF) pos += 1;
+      }
     }
-    const colon = line.indexOf(":");
-    if (colon === 0) return; // "If the line starts with a U+003A COLON character (:) Ignore the line."
-    let name = line;
-    let value = "";
-    if (colon > 0) {
-      name = line.slice(0, colon);
-      // "If value starts with a U+0020 SPACE character, remove it from value."
-      value = line.slice(line.charCodeAt(colon + 1) === 32 ? colon + 2 : colon + 1);
-    }
-    switch (name) {
-      case "data":
-        this.#data = this.#data === null ? value : `${this.#data}\n${value}`;
+    return n;
+  }
+
+  /**
+   * Processes the line text[start:end], not blank, whose first character is `first`. text[end] is
+   * its CR or LF, so reading the line never runs past the text.
+   * @param {string} text
+   * @param {number} start
+   * @param {number} end
+   * @param {number} first
+   */
+  #field(text, start, end, first) {
+    // The field name is what precedes the first colon (the whole line if there is none), and only
+    // four names mean anything, so a line is matched against them from its first character on.
+    let from;
+    switch (first) {
+      case 100: // d
+        // "ata" matched by hand, not by valueStart()'s loop: this is the line of nearly every event.
+        from =
+          text.charCodeAt(start + 1) === 97 && text.charCodeAt(start + 2) === 116 && text.charCodeAt(start + 3) === 97
+            ? valueAfter(text, start + 4, end)
+            : -1;
+        if (from !== -1) {
+          const value = text.slice(from, end);
+          this.#data = this.#data === null ? value : `${this.#data}\n${value}`;
+        }
         break;
-      case "event":
-        this.#event = value;
+      case 105: // i
+        from = valueStart(text, start, end, "id");
+        if (from !== -1) {
+          const value = text.slice(from, end);
+          // "If the field value does not contain U+0000 NULL, then set the last event ID buffer"
+          if (!value.includes("\0")) this.#lastEventId = value;
+        }
         break;
-      case "id":
-        // "If the field value does not contain U+0000 NULL, then set the last event ID buffer"
-        if (!value.includes("\0")) this.#lastEventId = value;
+      case 101: // e
+        from = valueStart(text, start, end, "event");
+        if (from !== -1) this.#event = text.slice(from, end);
         break;
-      case "retry":
-        // "If the field value consists of only ASCII digits ... Otherwise, ignore the field."
-        if (DIGITS.test(value)) {
-          this.#retry = parseInt(value, 10);
-          this.#onRetry?.(this.#retry);
+      case 114: // r
+        from = valueStart(text, start, end, "retry");
+        if (from !== -1) {
+          const value = text.slice(from, end);
+          // "If the field value consists of only ASCII digits ... Otherwise, ignore the field."
+          if (DIGITS.test(value)) {
+            this.#retry = parseInt(value, 10);
+            this.#onRetry?.(this.#retry);
+          }
         }
         break;
       default:
-      // "Otherwise: The field is ignored."
+      // "If the line starts with a U+003A COLON character (:) Ignore the line." "Otherwise: The
+      // field is ignored."
     }
   }
 
@@ -195,6 +249,56 @@ export class SSEParser {
     this.#data = null;
     this.#event = "";
   }
+}
+
+/**
+ * Where the value of the line text[start:end] (text[end] being its CR or LF) starts if the line's
+ * field name is `name`, else -1. The caller has matched the name's first character.
+ * @param {string} text
+ * @param {number} start
+ * @param {number} end
+ * @param {string} name
+ * @returns {number}
+ */
+function valueStart(text, start, end, name) {
+  for (let i = 1; i < name.length; i++) if (text.charCodeAt(start + i) !== name.charCodeAt(i)) return -1;
+  return valueAfter(text, start + name.length, end);
+}
+
+/**
+ * Where the value of the line text[:end] (text[end] being its CR or LF) starts if its field name
+ * ends at `after`, else -1.
+ * @param {string} text
+ * @param {number} after
+ * @param {number} end
+ * @returns {number}
+ */
+function valueAfter(text, after, end) {
+  // "If the line contains no U+003A COLON character: ... the field value [is] the empty string."
+  if (after === end) return end;
+  if (text.charCodeAt(after) !== COLON) return -1; // a longer name
+  // "If value starts with a U+0020 SPACE character, remove it from value."
+  return text.charCodeAt(after + 1) === SPACE ? after + 2 : after + 1;
+}
+
+/**
+ * The end (its CR or LF) of the line at text[start] if it is an `id` field with a colon, a value
+ * without U+0000 and its line end in the text; else -1. Ids are short and their value must be
+ * read whole anyway, so reading the line through is cheaper than searching for its end.
+ * @param {string} text
+ * @param {number} start
+ * @returns {number}
+ */
+function idLineEnd(text, start) {
+  if (start + 2 >= text.length || text.charCodeAt(start + 1) !== 100 || text.charCodeAt(start + 2) !== COLON) return -1;
+  for (let i = start + 3; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c <= CR) {
+      if (c === LF || c === CR) return i;
+      if (c === 0) return -1;
+    }
+  }
+  return -1;
 }
 
 /**
