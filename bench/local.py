@@ -2,8 +2,9 @@
 
 "Direct" is ``Llama.create_chat_completion(stream=True)`` in a worker process of its own
 (``python -m bench.local --worker``), as ``bench/local_model.py`` calls it (same prompt).  "Through tokenwire" is a real
-``tokenwire serve --provider local`` process and an HTTP client on ``POST /api/stream`` that parses
-the events: everything a user pays for.  Both load the same bundled GGUF with the same settings
+``tokenwire serve --provider local`` process and an HTTP client on ``POST /api/stream``: everything a
+user pays for.  The client (httptools, on the same 2 cores) stamps each read and counts its token
+events; it decodes the events after the run, so that its own CPU does not slow the model.  Both load the same bundled GGUF with the same settings
 (n_ctx 2048, all cores for threads), both processes run on all cores (the only benchmark that does),
 one at a time, interleaved: warm-up each, then ``runs`` rounds.  Temperature 0 and seed 1 on both: the texts
 must be equal, or the comparison is void.
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httptools
 import httpx
 
 from tokenwire._sse import SSEDecoder
@@ -70,23 +72,77 @@ def run_direct(llm: Any, max_tokens: int) -> dict[str, Any]:
     return _result(started, stamps, pieces)
 
 
-async def run_tokenwire(client: httpx.AsyncClient, port: int, max_tokens: int) -> dict[str, Any]:
-    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "seed": 1}
-    pieces: list[str] = []
-    stamps: list[float] = []
-    decoder = SSEDecoder()
+_TOKEN_MARK = b'"type":"token"'
+
+
+class _TimedResponse(asyncio.Protocol):
+    """One HTTP response, read with httptools: each body piece with the time it arrived, nothing parsed.
+
+    The client shares the 2 cores with llama.cpp's threads, which wait for each other at every
+    step: whatever CPU the client spends per token slows the model it measures.  So it only
+    stamps each read and counts the token events in it; the text is decoded after the run.
+    """
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.stamps: list[float] = []
+        self.body: list[bytes] = []
+        self.status = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tail = b""  # the end of the last piece, in case a token mark is split between two
+        self._pending = 0
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        self._pending = 0  # token events completed by this read, counted by on_body
+        self.parser.feed_data(data)
+        self.stamps.extend([now] * self._pending)
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        joined = self._tail + body
+        self._pending += joined.count(_TOKEN_MARK) - self._tail.count(_TOKEN_MARK)
+        self._tail = joined[-(len(_TOKEN_MARK) - 1) :]
+
+    def on_message_complete(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(f"tokenwire closed the connection ({exc})"))
+
+
+async def run_tokenwire(port: int, max_tokens: int) -> dict[str, Any]:
+    body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "seed": 1}).encode()
+    request = (
+        b"POST /api/stream HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    loop = asyncio.get_running_loop()
     started = time.perf_counter()
-    async with client.stream("POST", f"http://127.0.0.1:{port}/api/stream", json=body) as response:
-        response.raise_for_status()
-        async for chunk in response.aiter_raw():
-            for sse in decoder.decode(chunk):
-                event = json.loads(sse.data)
-                if event["type"] == "token":
-                    stamps.append(time.perf_counter())
-                    pieces.append(event["text"])
-                elif event["type"] == "error":
-                    raise RuntimeError(f"tokenwire answered an error event: {event}")
-    return _result(started, stamps, pieces)
+    transport, response = await loop.create_connection(_TimedResponse, "127.0.0.1", port)
+    try:
+        transport.write(request)
+        await response.done
+    finally:
+        transport.close()
+    if response.status != 200:
+        raise RuntimeError(f"tokenwire answered HTTP {response.status}: {b''.join(response.body)[:300]!r}")
+    pieces = []
+    decoder = SSEDecoder()
+    for sse in decoder.decode(b"".join(response.body)):
+        event = json.loads(sse.data)
+        if event["type"] == "token":
+            pieces.append(event["text"])
+        elif event["type"] == "error":
+            raise RuntimeError(f"tokenwire answered an error event: {event}")
+    if len(pieces) != len(response.stamps):
+        raise RuntimeError(f"counted {len(response.stamps)} token events while reading, {len(pieces)} after")
+    return _result(started, response.stamps, pieces)
 
 
 class _Probe:
@@ -246,13 +302,12 @@ async def bench(runs: int, max_tokens: int, log_dir: Path, log: Any, cancel_runs
         await asyncio.to_thread(server.start, cpus=all_cpus, log_dir=log_dir, timeout=120)
         info = await asyncio.to_thread(direct.ready)
         rows: dict[str, list[dict[str, Any]]] = {"direct": [], "tokenwire": []}
-        async with httpx.AsyncClient(timeout=120) as client:
-            warm_direct = await asyncio.to_thread(direct.run)
-            warm_tokenwire = await run_tokenwire(client, server.port, max_tokens)
-            same_text = warm_direct["text"] == warm_tokenwire["text"]
-            for _ in range(runs):
-                rows["direct"].append(await asyncio.to_thread(direct.run))
-                rows["tokenwire"].append(await run_tokenwire(client, server.port, max_tokens))
+        warm_direct = await asyncio.to_thread(direct.run)
+        warm_tokenwire = await run_tokenwire(server.port, max_tokens)
+        same_text = warm_direct["text"] == warm_tokenwire["text"]
+        for _ in range(runs):
+            rows["direct"].append(await asyncio.to_thread(direct.run))
+            rows["tokenwire"].append(await run_tokenwire(server.port, max_tokens))
         out: dict[str, Any] = {
             "model": info["model"], "threads": info["threads"], "max_tokens": max_tokens, "runs": runs,
             "same_text": same_text,

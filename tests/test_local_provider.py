@@ -232,3 +232,25 @@ def test_full_queue_and_aclose_leave_no_thread() -> None:
 
     asyncio.run(main())
     assert set(threading.enumerate()) == threads_before
+
+
+@pytest.mark.parametrize("libc", [True, False], ids=["strlen", "python-fallback"])
+def test_the_abort_switch_reads_its_byte(monkeypatch: pytest.MonkeyPatch, libc: bool) -> None:
+    import ctypes
+
+    import llama_cpp
+
+    from tokenwire.providers.local import _AbortSwitch
+
+    if not libc:
+        def no_libc(*args: object, **kwargs: object) -> None:
+            raise OSError("no libc here")
+
+        monkeypatch.setattr(ctypes, "CDLL", no_libc)
+    switch = _AbortSwitch(llama_cpp)
+    # Called as ggml calls it: through the C function pointer, with the data pointer.
+    assert switch.callback(switch.data) is False
+    switch.set()
+    assert switch.callback(switch.data) is True
+    switch.clear()
+    assert switch.callback(switch.data) is False

@@ -17,6 +17,8 @@ How it holds together:
   processed (one ``llama_decode`` call can take seconds) is interrupted by
   llama.cpp's abort callback, which ggml polls between graph nodes.  After an
   aborted decode the model is reset, so the next job starts from a clean state.
+  The callback is C, not Python (:class:`_AbortSwitch`): ggml polls it hundreds
+  of times per token, and a Python callback takes the GIL at every poll.
 """
 
 from __future__ import annotations
@@ -106,6 +108,34 @@ class _Job:
             self.stop.set()
 
 
+class _AbortSwitch:
+    """The abort callback llama.cpp polls, and the byte it reads: set() stops the decode running now.
+
+    ggml's first compute thread polls the callback between graph nodes, hundreds of
+    times per token.  A Python callback takes the GIL at every poll: about 6% of the
+    decode rate here (bench/RESULTS.md, local model), and a stall of the compute
+    threads whenever the event loop holds the GIL.  So the callback is libc's
+    ``strlen`` on a two-byte buffer: it returns 1 once the first byte is set and 0
+    while it is NUL, and a C ``bool`` is read from the low byte of the return
+    register, which holds exactly that.  Where libc cannot be found, a Python
+    callback reads the same byte.
+    """
+
+    def __init__(self, llama_cpp: Any) -> None:
+        self._byte = ctypes.create_string_buffer(2)  # b"\0\0": not aborted; the second byte ends the "string"
+        try:
+            self.callback = ctypes.cast(ctypes.CDLL(None).strlen, llama_cpp.ggml_abort_callback)
+        except (OSError, AttributeError, TypeError):
+            self.callback = llama_cpp.ggml_abort_callback(lambda _data: self._byte.raw[0] != 0)
+        self.data = ctypes.cast(self._byte, ctypes.c_void_p)
+
+    def set(self) -> None:
+        self._byte[0] = b"\x01"
+
+    def clear(self) -> None:
+        self._byte[0] = b"\x00"
+
+
 class LocalProvider(Provider):
     """A local GGUF chat model (by default the bundled SmolLM2-135M-Instruct).
 
@@ -139,7 +169,7 @@ class LocalProvider(Provider):
         self._closing = False
         self._thread: threading.Thread | None = None
         self._stopped: concurrent.futures.Future[None] | None = None
-        self._abort_callback: Any = None  # the ctypes callback; kept so it is not garbage-collected
+        self._abort: _AbortSwitch | None = None  # set while the model is loaded; kept alive for the C side
         self._counts = dict.fromkeys(("started", "finished", "cancelled", "failed", "tokens", "aborted"), 0)
 
     # -- lifecycle ---------------------------------------------------------------
@@ -174,6 +204,8 @@ class LocalProvider(Provider):
         for job in jobs:  # normally none: the relay ends every stream before closing providers
             job.post(ProviderError("upstream_error", "the local model is shutting down: try again", retryable=True))
             job.stop.set()
+        if self._abort is not None:
+            self._abort.set()
         await asyncio.shield(asyncio.wrap_future(stopped))
         thread.join()  # it has set `stopped` as its last act: this returns at once
         self._thread = None
@@ -246,6 +278,8 @@ class LocalProvider(Provider):
     def _withdraw(self, job: _Job) -> None:
         job.stop.set()
         with self._cond:
+            if job is self._current and self._abort is not None:
+                self._abort.set()  # a decode in progress stops at its next graph node
             if job in self._queue:
                 self._queue.remove(job)
                 self._counts["cancelled"] += 1
@@ -286,7 +320,7 @@ class LocalProvider(Provider):
         finally:
             if llm is not None:
                 llm.close()  # freed by the thread that used it
-            self._abort_callback = None
+            self._abort = None
             self._stopped.set_result(None)
 
     def _load(self) -> Llama:
@@ -305,14 +339,8 @@ class LocalProvider(Provider):
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(f"cannot load {self.model_path} ({exc}): pass --model-path with a GGUF model") from exc
 
-        def should_abort(_data: ctypes.c_void_p) -> bool:
-            # Called by ggml between graph nodes (hundreds of times per token; the
-            # cost is lost in the noise, see bench/local_model.py).
-            job = self._current
-            return job is not None and job.stop.is_set()
-
-        self._abort_callback = llama_cpp.ggml_abort_callback(should_abort)
-        llama_cpp.llama_set_abort_callback(llm.ctx, self._abort_callback, None)
+        self._abort = _AbortSwitch(llama_cpp)
+        llama_cpp.llama_set_abort_callback(llm.ctx, self._abort.callback, self._abort.data)
 
         # Llama.generate() calls self.sample() exactly once per token, including
         # tokens the stream holds back (stop-sequence prefixes, split UTF-8) and
@@ -340,6 +368,8 @@ class LocalProvider(Provider):
             if self._closing:
                 return None
             job = self._current = self._queue.popleft()
+            if self._abort is not None:
+                self._abort.clear()  # it was set for the job before, if that one was stopped
             self._counts["started"] += 1
             self._renumber()
             self._cond.notify_all()
