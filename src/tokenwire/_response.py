@@ -90,6 +90,7 @@ class EventStreamResponse:
         relay.attach(stream_id)
         relay.watch_writes(self)
         client_gone = True
+        self.writer = asyncio.current_task()
         try:
             await self._send(send, {"type": "http.response.start", "status": 200, "headers": headers})
             # The first body bytes flush the headers through any proxy at once.
@@ -106,6 +107,7 @@ class EventStreamResponse:
                 await asyncio.gather(sender, watcher, return_exceptions=True)
             if sender.done() and not sender.cancelled() and sender.exception() is None:
                 client_gone = False
+                self.writer = asyncio.current_task()
                 await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
         except (ClientGone, OSError):
             pass
@@ -123,6 +125,7 @@ class EventStreamResponse:
         renews its lease on the stream while it reads, so that the replica
         running the generation knows somebody is still there.
         """
+        self.writer = asyncio.current_task()
         store = self.relay.store
         heartbeat = self.relay.options.heartbeat
         stream_id = self.meta.stream_id
@@ -159,7 +162,7 @@ class EventStreamResponse:
     async def _send(self, send: Send, message: dict) -> None:
         # No timer per write: the relay's sweeper drops a response whose write has
         # been pending longer than the send timeout (see Relay._sweep_stuck_writers).
-        self.writer = asyncio.current_task()
+        # self.writer is the task that sends: set by __call__ and by _pump as each starts.
         self.pending_since = self._loop_time()
         try:
             await send(message)

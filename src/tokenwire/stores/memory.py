@@ -171,7 +171,8 @@ class MemoryStore(StreamStore):
 
     def _live_log(self, stream_id: str) -> _Log | None:
         log = self._logs.get(stream_id)
-        if log is not None and log.expires <= time.monotonic():
+        # Only an ended log has an expiry (the read path asks no clock for a live one).
+        if log is not None and log.ended and log.expires <= time.monotonic():
             self._drop(stream_id)
             return None
         return log
