@@ -416,6 +416,25 @@ def test_reader_leases_are_seen_by_every_replica_until_they_run_out(backend: Bac
     run(main)
 
 
+def test_a_renewal_that_arrives_after_its_reader_left_does_not_bring_it_back(backend: Backend) -> None:
+    # A response cancelled with its lease renewal in flight: the renewal can reach Redis
+    # after drop_reader, which the response sends on another connection.
+    async def main() -> None:
+        store = backend.new()
+        async with opened(store):
+            meta = new_meta(resumable=True)
+            sid = meta.stream_id
+            await store.create(meta)
+            await store.touch_reader(sid, "gone", 30)
+            await store.drop_reader(sid, "gone")
+            await store.touch_reader(sid, "gone", 30)
+            assert not await store.has_readers(sid)
+            await store.touch_reader(sid, "other", 30)
+            assert await store.has_readers(sid)
+
+    run(main)
+
+
 # -- cancel signals and lifecycle -------------------------------------------
 
 

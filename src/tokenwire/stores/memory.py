@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import time
 
 from .base import (
@@ -35,6 +36,9 @@ class _Log:
     @property
     def last_seq(self) -> int:
         return self.first_seq + len(self.entries) - 1
+
+
+_GONE = -math.inf  # a dropped reader's lease: never counts, never renewed
 
 
 def _time_out(waiter: asyncio.Future[None]) -> None:
@@ -156,14 +160,15 @@ class MemoryStore(StreamStore):
         self._cancel_callbacks.append(callback)
 
     async def touch_reader(self, stream_id: str, reader_id: str, lease: float) -> None:
-        self._readers.setdefault(stream_id, {})[reader_id] = time.monotonic() + lease
+        readers = self._readers.setdefault(stream_id, {})
+        if readers.get(reader_id) != _GONE:
+            readers[reader_id] = time.monotonic() + lease
 
     async def drop_reader(self, stream_id: str, reader_id: str) -> None:
-        readers = self._readers.get(stream_id)
-        if readers is not None:
-            readers.pop(reader_id, None)
-            if not readers:
-                del self._readers[stream_id]
+        # Marked, not forgotten: a renewal after this must not bring the reader back
+        # (the contract RedisStore needs; the marks go with the stream).
+        if stream_id in self._logs or stream_id in self._readers:
+            self._readers.setdefault(stream_id, {})[reader_id] = _GONE
 
     async def has_readers(self, stream_id: str) -> bool:
         now = time.monotonic()

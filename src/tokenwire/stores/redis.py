@@ -134,13 +134,24 @@ local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 """
 
-# KEYS: readers.  ARGV: reader id, lease_ms.
+# KEYS: readers, the reader's "gone" mark.  ARGV: reader id, lease_ms.
 _TOUCH_READER = _SERVER_NOW_MS + """
+-- A renewal sent just before its reader was cancelled can arrive after drop_reader
+-- (another connection): it must not bring the reader back.
+if redis.call('EXISTS', KEYS[2]) == 1 then return end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 local longest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 redis.call('PEXPIREAT', KEYS[1], longest[2])
 """
+
+# KEYS: readers, the reader's "gone" mark.  ARGV: reader id, how long the mark stays (ms).
+_DROP_READER = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+"""
+
+_GONE_MARK_MS = 60_000  # far longer than any renewal can be in flight
 
 # KEYS: readers.  Returns how many leases still run.
 _HAS_READERS = _SERVER_NOW_MS + """
@@ -201,6 +212,7 @@ class RedisStore(StreamStore):
         self._read = self._redis.register_script(_READ)
         self._claim = self._redis.register_script(_CLAIM)
         self._touch_reader = self._redis.register_script(_TOUCH_READER)
+        self._drop_reader = self._redis.register_script(_DROP_READER)
         self._has_readers = self._redis.register_script(_HAS_READERS)
         self._channel = f"{prefix}cancel".encode()
         self._cancel_callbacks: list[CancelCallback] = []
@@ -255,6 +267,9 @@ class RedisStore(StreamStore):
 
     def _readers_key(self, stream_id: str) -> str:
         return f"{self.prefix}stream:{stream_id}:readers"
+
+    def _gone_key(self, stream_id: str, reader_id: str) -> str:
+        return f"{self.prefix}stream:{stream_id}:gone:{reader_id}"
 
     def _idempotency_key(self, scope: str) -> str:
         # The scope holds the principal: keep it out of key names (and out of MONITOR, SCAN …).
@@ -408,10 +423,12 @@ class RedisStore(StreamStore):
     # -- reader leases -----------------------------------------------------
 
     async def touch_reader(self, stream_id: str, reader_id: str, lease: float) -> None:
-        await self._touch_reader(keys=[self._readers_key(stream_id)], args=[reader_id, _ms(lease)])
+        keys = [self._readers_key(stream_id), self._gone_key(stream_id, reader_id)]
+        await self._touch_reader(keys=keys, args=[reader_id, _ms(lease)])
 
     async def drop_reader(self, stream_id: str, reader_id: str) -> None:
-        await self._redis.zrem(self._readers_key(stream_id), reader_id)
+        keys = [self._readers_key(stream_id), self._gone_key(stream_id, reader_id)]
+        await self._drop_reader(keys=keys, args=[reader_id, _GONE_MARK_MS])
 
     async def has_readers(self, stream_id: str) -> bool:
         return bool(await self._has_readers(keys=[self._readers_key(stream_id)]))
