@@ -542,3 +542,28 @@ def test_a_stream_longer_than_its_log_stays_bounded_and_old_cursors_are_gone(
     assert max(n for n, _ in sizes) <= limits.max_events, sizes
     assert max(b for _, b in sizes) <= limits.max_bytes, sizes
     assert sizes[-1][0] > 0
+
+
+class StubbornStore(MemoryStore):
+    """A store whose waiting reads ignore their first cancellation for a while (as a Redis read was seen to)."""
+
+    STUBBORN_FOR = 5.0
+
+    async def read(self, stream_id: str, after: int, *, timeout: float) -> Any:
+        try:
+            return await super().read(stream_id, after, timeout=timeout)
+        except asyncio.CancelledError:
+            await asyncio.sleep(self.STUBBORN_FOR)
+            raise
+
+
+def test_a_reader_that_will_not_stop_does_not_keep_the_stream_from_seeing_its_client_leave(
+    upstream: FakeOpenAIUpstream, client: httpx.Client
+) -> None:
+    upstream.configure(tokens=LONG, interval=0.005)
+    with running_app(upstream, StubbornStore()) as (base_url, _app):
+        with post(client, base_url, resumable=False) as response:
+            read_until_tokens(response, 3)
+        gone_at = time.monotonic()
+        closed_at = upstream.wait_closed(StubbornStore.STUBBORN_FOR)
+        assert closed_at is not None and closed_at - gone_at < StubbornStore.STUBBORN_FOR / 2

@@ -299,7 +299,10 @@ class Relay:
         self._background(check())
 
     def _background(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
+        self.adopt(asyncio.create_task(coro))
+
+    def adopt(self, task: asyncio.Task[Any]) -> None:
+        """Keep ``task`` until it ends; aclose() cancels it if it has not."""
         self._housekeeping.add(task)
         task.add_done_callback(self._housekeeping.discard)
 

@@ -47,6 +47,9 @@ logger = logging.getLogger("tokenwire")
 # Seconds a resumable stream's reader counts as present without renewing.
 READER_LEASE = 15.0
 
+# Seconds a response waits for its sender and watcher to stop once cancelled (see _stop).
+STOP_TIMEOUT = 1.0
+
 #: The scope key under which tokenwire's app leaves the server's own ``send`` (see ``_app._App``).
 SERVER_SEND = "tokenwire.server_send"
 
@@ -97,14 +100,12 @@ class EventStreamResponse:
             await self._send(send, _body(encode_retry(relay.options.retry_ms)))
             # The body skips the middleware, which only looks at the response start.
             send = scope.get(SERVER_SEND, send)
-            sender = asyncio.create_task(self._pump(send, backlog))
-            watcher = asyncio.create_task(_wait_for_disconnect(receive))
+            sender = asyncio.create_task(self._pump(send, backlog), name="sender")
+            watcher = asyncio.create_task(_wait_for_disconnect(receive), name="disconnect watcher")
             try:
                 await asyncio.wait((sender, watcher), return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for task in (sender, watcher):
-                    task.cancel()
-                await asyncio.gather(sender, watcher, return_exceptions=True)
+                await _stop(relay, sender, watcher)
             if sender.done() and not sender.cancelled() and sender.exception() is None:
                 client_gone = False
                 self.writer = asyncio.current_task()
@@ -204,6 +205,26 @@ def _error_event(exc: Exception) -> bytes:
         message = "the stream expired while it was being read"
     body = {"type": "error", "error": {"type": "internal_error", "message": message, "retryable": False}}
     return b"data: %s\n\n" % json.dumps(body, separators=(",", ":")).encode()
+
+
+async def _stop(relay: Relay, *tasks: asyncio.Task[None]) -> None:
+    """Cancel the sender and the watcher, and wait for them, but not forever.
+
+    Under load, a Redis read cancelled as its reply arrives was seen to stay
+    pending for seconds (redis-py 8.1, uvloop); waiting for it kept the
+    response from noticing its client had left, so a dropped stream outlived
+    its grace period.  A task that has not stopped after ``STOP_TIMEOUT`` is
+    handed to the relay, which cancels it again at shutdown.
+    """
+    for task in tasks:
+        task.cancel()
+    done, stuck = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+    for task in done:
+        if not task.cancelled():
+            task.exception()  # retrieved: ClientGone, OSError or None, judged by the caller
+    for task in stuck:
+        logger.warning("a stream's %s did not stop within %g s of being cancelled", task.get_name(), STOP_TIMEOUT)
+        relay.adopt(task)
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
