@@ -1,16 +1,17 @@
 """What every provider that streams SSE from an HTTP API shares.
 
-:class:`HTTPProvider` owns the ``httpx.AsyncClient`` and turns one POST into
-provider events through an :class:`SSEParser` (one per API format); the
-OpenAI and Anthropic providers differ only in the request they build and the
-parser they use.
+:class:`HTTPProvider` turns one POST into provider events through an
+:class:`SSEParser` (one per API format); the OpenAI and Anthropic providers
+differ only in the request they build and the parser they use.  It sends the
+request with tokenwire's own HTTP/1.1 client (:mod:`._upstream`), or with
+httpx for a caller's own client or a proxy.
 
 Cancellation is the point of this module.  The upstream is reached over
 HTTP/1.1 only: closing a partially read HTTP/1.1 response closes its socket,
 which is how vLLM, llama.cpp and Ollama learn to stop generating; over HTTP/2
 no RST_STREAM is sent and the upstream keeps going (FIELD-GUIDE, httpcore#943).
-The response lives in an ``async with`` around every ``await`` and ``yield`` of
-:meth:`HTTPProvider.stream_sse`, so a cancelled task or a closed generator closes it.
+On both paths the answer lives in an ``async with`` around every ``await`` and
+``yield`` of the stream, so a cancelled task or a closed generator closes it.
 """
 
 from __future__ import annotations
