@@ -63,6 +63,12 @@ class SSEParser(abc.ABC):
     def finish(self) -> Finish:
         """The final event, once the answer is complete."""
 
+    def end(self) -> Finish:
+        """The final event, when the answer has been read: ProviderError if it stopped short."""
+        if not self.complete:
+            raise ProviderError("upstream_error", "the upstream ended the stream early", retryable=True)
+        return self.finish()
+
 
 class HTTPProvider(Provider):
     """A provider that POSTs JSON to an HTTP API and reads its answer as SSE.
@@ -171,9 +177,7 @@ class HTTPProvider(Provider):
             raise self._status_error(exc.status, exc.headers, exc.body) from None
         except ConnectError as exc:
             raise self._connect_error(exc.__cause__ or exc) from None
-        if not parser.complete:
-            raise ProviderError("upstream_error", "the upstream ended the stream early", retryable=True)
-        yield parser.finish()
+        yield parser.end()
 
     async def _stream_httpx(
         self, url: str, body: dict[str, Any], headers: dict[str, str], parser: SSEParser
@@ -227,9 +231,7 @@ class HTTPProvider(Provider):
             ) from None
         finally:
             await socket.close_unless_answered()
-        if not parser.complete:
-            raise ProviderError("upstream_error", "the upstream ended the stream early", retryable=True)
-        yield parser.finish()
+        yield parser.end()
 
     def _connect_error(self, exc: BaseException) -> ProviderError:
         if isinstance(exc, (TimeoutError, httpx.ConnectTimeout)):
