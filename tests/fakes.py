@@ -36,6 +36,9 @@ from tokenwire._sse import SSEDecoder
 
 T = TypeVar("T")
 
+#: The ``stream_events`` fixture (conftest.py): a request body -> the stream's events.
+StreamEvents = Callable[[dict[str, Any]], list[dict[str, Any]]]
+
 FAILURES = (None, "status", "reset", "close", "malformed", "truncate", "no_done", "stall")
 
 

@@ -22,7 +22,14 @@ import httpx
 import pytest
 
 from fake_anthropic import FakeAnthropicUpstream
-from fakes import FakeOpenAIUpstream, active_streams, iter_events, run_async, serve_app, wait_until
+from fakes import (
+    FakeOpenAIUpstream,
+    StreamEvents,
+    active_streams,
+    run_async,
+    serve_app,
+    wait_until,
+)
 
 # The shared relay suite; each runs here with this module's fixtures.
 from test_relay import (  # noqa: F401
@@ -54,9 +61,6 @@ KEY = "sk-ant-test-0123456789abcdef"
 CLOSE_BOUND = 1.0
 REQUEST = GenerationRequest.from_prompt("hi")
 
-StreamEvents = Callable[[dict[str, Any]], list[dict[str, Any]]]
-
-
 # -- fixtures of the shared relay suite -------------------------------------------
 
 
@@ -74,12 +78,6 @@ def base_url(shared_upstream: FakeAnthropicUpstream) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module")
-def client() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=httpx.Timeout(5.0)) as http:
-        yield http
-
-
 @pytest.fixture
 def upstream(
     shared_upstream: FakeAnthropicUpstream, base_url: str, client: httpx.Client
@@ -87,20 +85,6 @@ def upstream(
     shared_upstream.reset().configure(api_key=KEY)
     yield shared_upstream
     assert wait_until(lambda: active_streams(base_url, client) == 0), "a generation outlived its test"
-
-
-@pytest.fixture
-def stream_events(base_url: str, client: httpx.Client) -> StreamEvents:
-    """POST a body to the server; the stream's events once it has ended and left the relay."""
-
-    def stream(body: dict[str, Any]) -> list[dict[str, Any]]:
-        with client.stream("POST", base_url + "/api/stream", json=body) as response:
-            assert response.status_code == 200
-            events = list(iter_events(response))
-        assert wait_until(lambda: active_streams(base_url, client) == 0)
-        return events
-
-    return stream
 
 
 # -- through the server: the Messages API's own ------------------------------------

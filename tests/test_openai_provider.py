@@ -17,7 +17,12 @@ from typing import Any
 import httpx
 import pytest
 
-from fakes import FakeOpenAIUpstream, active_streams, iter_events, run_async, serve_app, wait_until
+from fakes import (
+    FakeOpenAIUpstream,
+    StreamEvents,
+    run_async,
+    serve_app,
+)
 from tokenwire import Finish, GenerationRequest, ProviderError, Reasoning, Settings, Token, Usage, create_app
 from tokenwire.providers.openai import MAX_ERROR_BODY, OpenAIProvider
 
@@ -25,9 +30,6 @@ KEY = "sk-test-0123456789abcdef"
 MODEL = "served-model"
 CLOSE_BOUND = 1.0
 REQUEST = GenerationRequest.from_prompt("hi")
-
-StreamEvents = Callable[[dict[str, Any]], list[dict[str, Any]]]
-
 
 @pytest.fixture(scope="module")
 def shared_upstream() -> Iterator[FakeOpenAIUpstream]:
@@ -45,26 +47,6 @@ def base_url(shared_upstream: FakeOpenAIUpstream) -> Iterator[str]:
 @pytest.fixture
 def upstream(shared_upstream: FakeOpenAIUpstream) -> FakeOpenAIUpstream:
     return shared_upstream.reset()
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=5) as http:
-        yield http
-
-
-@pytest.fixture
-def stream_events(base_url: str, client: httpx.Client) -> StreamEvents:
-    """POST a body to the server; the stream's events once it has ended and left the relay."""
-
-    def stream(body: dict[str, Any]) -> list[dict[str, Any]]:
-        with client.stream("POST", base_url + "/api/stream", json=body) as response:
-            assert response.status_code == 200
-            events = list(iter_events(response))
-        assert wait_until(lambda: active_streams(base_url, client) == 0)
-        return events
-
-    return stream
 
 
 # -- through the server ---------------------------------------------------------

@@ -36,12 +36,6 @@ def base_url(shared_upstream: FakeOpenAIUpstream) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module")
-def client() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=httpx.Timeout(5.0)) as http:
-        yield http
-
-
 @pytest.fixture
 def upstream(
     shared_upstream: FakeOpenAIUpstream, base_url: str, client: httpx.Client

@@ -56,12 +56,6 @@ def upstream(shared_upstream: FakeOpenAIUpstream) -> FakeOpenAIUpstream:
     return shared_upstream.reset()
 
 
-@pytest.fixture(scope="module")
-def client() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=httpx.Timeout(5.0)) as http:
-        yield http
-
-
 StoreFactory = Callable[..., StreamStore]
 
 
