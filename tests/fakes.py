@@ -530,6 +530,13 @@ def serve_app(app: Any, *, sndbuf: int | None = None, **config: Any) -> Iterator
 # -- small helpers for tests -----------------------------------------------
 
 
+def free_port() -> int:
+    """A loopback port free now (for a server started in another process, which binds it itself)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def wait_until(condition: Callable[[], bool], timeout: float = 2.0, interval: float = 0.005) -> bool:
     """Poll ``condition`` until it holds or ``timeout`` passes; its last value."""
     deadline = time.monotonic() + timeout

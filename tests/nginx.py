@@ -37,6 +37,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from fakes import free_port
+
 __all__ = ["Nginx", "find_nginx", "require_nginx", "run_nginx"]
 
 CONF_TEMPLATE = """\
@@ -111,12 +113,6 @@ def require_nginx() -> str:
         pytest.skip(str(exc))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _accepts(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -154,7 +150,7 @@ def run_nginx(
     with tempfile.TemporaryDirectory(prefix="tokenwire-nginx-") as tmp:
         directory = Path(tmp)
         for attempt in range(3):  # the free port may be taken between probing and binding
-            port = _free_port()
+            port = free_port()
             conf = directory / "nginx.conf"
             conf.write_text(
                 CONF_TEMPLATE.format(

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from fakes import free_port
+
 __all__ = ["find_redis_server", "redis_url_fixture", "run_redis_server"]
 
 
@@ -30,12 +32,6 @@ def find_redis_server() -> str:
     raise FileNotFoundError(
         "redis-server not found: install it (apt-get install redis-server) or set REDIS_SERVER"
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _answers_ping(port: int) -> bool:
@@ -54,7 +50,7 @@ def run_redis_server(executable: str | None = None, *, startup_timeout: float = 
     with tempfile.TemporaryDirectory(prefix="tokenwire-redis-") as tmp:
         log_path = Path(tmp) / "redis.log"
         for attempt in range(3):  # the free port may be taken between probing and binding
-            port = _free_port()
+            port = free_port()
             args = [executable, "--port", str(port), "--bind", "127.0.0.1"]
             args += ["--save", "", "--appendonly", "no", "--dir", tmp, "--logfile", str(log_path)]
             proc = subprocess.Popen(

@@ -8,7 +8,6 @@ shows the same measurement sees it busy while the stream runs.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,19 +16,13 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from fakes import iter_events, serve_app, wait_until
+from fakes import free_port, iter_events, serve_app, wait_until
 from tokenwire import Settings, create_app
 from tokenwire.providers.local import bundled_model_path
 from tokenwire.providers.openai import OpenAIProvider
 
 TICK = os.sysconf("SC_CLK_TCK")
 WINDOW = 0.1  # seconds per CPU sample
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
