@@ -22,7 +22,9 @@ import asyncio
 import json
 import logging
 import secrets
-from typing import TYPE_CHECKING
+import types
+from collections.abc import Awaitable, Generator
+from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse
 
@@ -99,8 +101,11 @@ class EventStreamResponse:
             # The first body bytes flush the headers through any proxy at once.
             await self._send(send, _body(encode_retry(relay.options.retry_ms)))
             # The body skips the middleware, which only looks at the response start.
+            # Following the log means running the server's send inside the generation's task: only
+            # with the server's own send (tokenwire's app), never a middleware's.
+            follow = SERVER_SEND in scope
             send = scope.get(SERVER_SEND, send)
-            sender = asyncio.create_task(self._pump(send, backlog), name="sender")
+            sender = asyncio.create_task(self._pump(send, backlog, follow=follow), name="sender")
             watcher = asyncio.create_task(_wait_for_disconnect(receive), name="disconnect watcher")
             try:
                 await asyncio.wait((sender, watcher), return_when=asyncio.FIRST_COMPLETED)
@@ -118,13 +123,17 @@ class EventStreamResponse:
             if self.meta.resumable:
                 await relay.store.drop_reader(stream_id, self.reader_id)
 
-    async def _pump(self, send: Send, backlog: ReadResult) -> None:
+    async def _pump(self, send: Send, backlog: ReadResult, *, follow: bool = False) -> None:
         """Write the log from the cursor until its terminal event has been sent.
 
         Everything waiting in the log goes out in one write (tokens that queued
-        up while the socket was busy are coalesced).  A resumable stream's reader
-        renews its lease on the stream while it reads, so that the replica
-        running the generation knows somebody is still there.
+        up while the socket was busy are coalesced).  Once caught up, with
+        ``follow`` and a store that can, the reader *follows* the log: each
+        event is written from inside the generation's append (a :class:`_Follower`)
+        and this task sleeps until a heartbeat or a lease renewal is due, or a
+        write has to wait for the client.  A resumable stream's reader renews its
+        lease on the stream while it reads, so that the replica running the
+        generation knows somebody is still there.
         """
         self.writer = asyncio.current_task()
         store = self.relay.store
@@ -153,20 +162,44 @@ class EventStreamResponse:
             wait = last_write + heartbeat - now
             if lease:
                 wait = min(wait, next_touch - now)
+            after = result.next_seq
+            if follow:
+                follower = _Follower(self, send, after)
+                if store.follow(stream_id, after, follower):
+                    try:
+                        await follower.wait(max(wait, 0.0))
+                    except BaseException:
+                        follower.discard()
+                        raise
+                    finally:
+                        store.unfollow(stream_id, follower)
+                    last_write = max(last_write, follower.last_write)
+                    if follower.pending is not None:
+                        rest = _finish(follower.pending, follower.waiting_on)
+                        follower.pending = None
+                        await self._complete(rest, follower.pending_bytes, since=follower.last_write)
+                        last_write = loop.time()
+                    if follower.error is not None:
+                        raise follower.error
+                    after = follower.next_seq
+                    wait = 0.0  # catch up with what was appended since
             try:
-                result = await store.read(stream_id, result.next_seq, timeout=max(wait, 0.0))
+                result = await store.read(stream_id, after, timeout=max(wait, 0.0))
             except (LogTrimmed, StreamNotFound) as exc:
                 await self._send(send, _body(_error_event(exc)))
                 return
             now = loop.time()
 
     async def _send(self, send: Send, message: dict) -> None:
+        await self._complete(send(message), len(message.get("body", b"")), since=self._loop_time())
+
+    async def _complete(self, sending: Awaitable[None], nbytes: int, *, since: float) -> None:
         # No timer per write: the relay's sweeper drops a response whose write has
         # been pending longer than the send timeout (see Relay._sweep_stuck_writers).
         # self.writer is the task that sends: set by __call__ and by _pump as each starts.
-        self.pending_since = self._loop_time()
+        self.pending_since = since
         try:
-            await send(message)
+            await sending
         except asyncio.CancelledError:
             if not self.dropped:
                 raise
@@ -176,7 +209,7 @@ class EventStreamResponse:
             raise ClientGone("the client did not accept data within the send timeout") from None
         finally:
             self.pending_since = None
-        self.relay.metrics.bytes_sent += len(message.get("body", b""))
+        self.relay.metrics.bytes_sent += nbytes
 
     def drop(self) -> None:
         """The client stopped reading: end this response (called by the relay's sweeper)."""
@@ -192,6 +225,104 @@ class EventStreamResponse:
             self.relay.options.send_timeout,
         )
         self.writer.cancel("client stopped reading")
+
+
+class _Follower:
+    """Writes each event to the client from inside the generation's ``append``.
+
+    While the reader is caught up, this saves waking its task for every token
+    (a future, a timer, a read and a task step each).  The server's ``send`` is
+    run right there, and it finishes at once unless the client is slow
+    (flow control): then the follower stops following and hands the unfinished
+    write to the response's task, which waits for it with the send timeout and
+    catches up from the log.  A failed write, and the terminal event, also end
+    the following.  Nothing here ever raises into the generation.
+    """
+
+    __slots__ = (
+        "response", "send", "next_seq", "last_write", "pending", "waiting_on", "pending_bytes", "error",
+        "_waiter", "_timer", "_time", "_metrics",
+    )  # fmt: skip
+
+    def __init__(self, response: EventStreamResponse, send: Send, after: int) -> None:
+        self.response = response
+        self.send = send
+        self.next_seq = after  # the seq of the last event written
+        self.last_write = 0.0
+        self.pending: Generator[Any, Any, Any] | None = None  # a write that has to wait for the client
+        self.waiting_on: Any = None  # what it waits for
+        self.pending_bytes = 0
+        self.error: Exception | None = None
+        loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] = loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
+        self._time = loop.time
+        self._metrics = response.relay.metrics
+
+    def __call__(self, data: bytes, terminal: bool) -> bool:
+        self.next_seq += 1
+        try:
+            steps = self.send({"type": "http.response.body", "body": data, "more_body": True}).__await__()
+            waiting_on = steps.send(None)
+        except StopIteration:
+            self.last_write = self._time()
+            self._metrics.bytes_sent += len(data)
+            if terminal:
+                self._wake()
+            return not terminal
+        except Exception as exc:  # noqa: BLE001 - raised by the response's task, not the generation
+            self.error = exc
+            self._wake()
+            return False
+        # The client is not keeping up: the response's task finishes this write.
+        self.last_write = self._time()  # when the write began: the send timeout counts from here
+        self.response.pending_since = self.last_write
+        self.pending = steps
+        self.waiting_on = waiting_on
+        self.pending_bytes = len(data)
+        self._wake()
+        return False
+
+    async def wait(self, timeout: float) -> None:
+        """Until the following ends, or ``timeout`` s (a heartbeat or a lease renewal is due)."""
+        self._timer = asyncio.get_running_loop().call_later(timeout, self._wake)
+        try:
+            await self._waiter
+        finally:
+            self._timer.cancel()
+
+    def _wake(self) -> None:
+        if not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def discard(self) -> None:
+        """The response's task stops (cancelled): drop an unfinished write."""
+        if self.pending is not None:
+            self.pending.close()
+            self.pending = None
+
+
+@types.coroutine
+def _finish(steps: Generator[Any, Any, Any], waiting_on: Any) -> Generator[Any, Any, None]:
+    """The rest of an awaitable that was started outside any task and had to wait.
+
+    ``waiting_on`` is what it yielded (the future it waits for); the awaiting
+    task waits for that, then the awaitable goes on as if it had been awaited
+    all along (cancellation included).
+    """
+    while True:
+        try:
+            value = yield waiting_on
+        except BaseException as exc:
+            try:
+                waiting_on = steps.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                waiting_on = steps.send(value)
+            except StopIteration:
+                return
 
 
 def _body(data: bytes) -> dict:

@@ -65,6 +65,10 @@ class ReadResult:
 
 CancelCallback = Callable[[str], Awaitable[None] | None]
 
+#: ``follower(data, terminal)``: called from inside ``append`` with each new event;
+#: returns whether it wants the next one too (see :meth:`StreamStore.follow`).
+Follower = Callable[[bytes, bool], bool]
+
 
 class StreamStore(abc.ABC):
     """The interface every store implements; one contract test suite covers them all."""
@@ -125,6 +129,21 @@ class StreamStore(abc.ABC):
     @abc.abstractmethod
     async def has_readers(self, stream_id: str) -> bool:
         """Whether any reader's lease on ``stream_id`` is still running."""
+
+    def follow(self, stream_id: str, after: int, follower: Follower) -> bool:
+        """Hand every event appended from now on to ``follower``, from inside :meth:`append`.
+
+        For a reader in the same process as the generation: instead of waking
+        up in :meth:`read` for each token, it is handed each one as it is
+        appended, and writes it at once.  Only if ``after`` is the live end of
+        the log (nothing to read, not ended); a follower is dropped as soon as it
+        returns False, or by :meth:`unfollow`.  Returns False when the store
+        cannot (the default: a shared store's appends happen in another process).
+        """
+        return False
+
+    def unfollow(self, stream_id: str, follower: Follower) -> None:
+        """Stop handing events to ``follower`` (if it is still following)."""
 
     async def startup(self) -> None:
         """Connect, start background work."""

@@ -9,6 +9,7 @@ import time
 
 from .base import (
     CancelCallback,
+    Follower,
     LogLimits,
     LogTrimmed,
     ReadResult,
@@ -20,7 +21,7 @@ from .base import (
 
 
 class _Log:
-    __slots__ = ("meta", "entries", "first_seq", "nbytes", "ended", "expires", "waiters")
+    __slots__ = ("meta", "entries", "first_seq", "nbytes", "ended", "expires", "waiters", "followers")
 
     def __init__(self, meta: StreamMeta) -> None:
         self.meta = meta
@@ -32,6 +33,7 @@ class _Log:
         # Readers waiting for the next append, each on a future of its own: an
         # append with nobody waiting (the usual case under load) allocates nothing.
         self.waiters: list[asyncio.Future[None]] = []
+        self.followers: list[Follower] = []  # readers handed each event by append (see follow)
 
     @property
     def last_seq(self) -> int:
@@ -85,6 +87,13 @@ class MemoryStore(StreamStore):
         if terminal:
             log.ended = True
             log.expires = time.monotonic() + limits.ttl_for(log.meta.resumable)
+        followers = log.followers
+        if followers:
+            if len(followers) == 1:
+                if not followers[0](data, terminal):
+                    followers.clear()
+            else:
+                log.followers = [follower for follower in followers if follower(data, terminal)]
         if log.waiters:
             waiters, log.waiters = log.waiters, []
             for waiter in waiters:
@@ -130,6 +139,18 @@ class MemoryStore(StreamStore):
                     log.waiters.remove(waiter)
                 return ReadResult([], after, False)
         return self._slice(log, after)
+
+    def follow(self, stream_id: str, after: int, follower: Follower) -> bool:
+        log = self._live_log(stream_id)
+        if log is None or log.ended or after != log.last_seq:
+            return False
+        log.followers.append(follower)
+        return True
+
+    def unfollow(self, stream_id: str, follower: Follower) -> None:
+        log = self._logs.get(stream_id)
+        if log is not None and follower in log.followers:
+            log.followers.remove(follower)
 
     @staticmethod
     def _slice(log: _Log, after: int) -> ReadResult:

@@ -1,0 +1,190 @@
+"""A caught-up reader *follows* the log: the generation's append writes each event to it.
+
+The fast path of the relay (see ``EventStreamResponse._pump``): no wake-up of the
+response's task per token.  What must still hold on it: every event once and in
+order when a write has to wait for a slow client, no follower left behind by a
+client that leaves, and a failing write never reaching the generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+import httpx
+
+from fakes import iter_events, serve_app, wait_until
+from tokenwire import Relay, ScriptedProvider, Settings, create_app
+from tokenwire._response import SERVER_SEND, _finish
+from tokenwire._sse import SSEDecoder
+from tokenwire.providers.base import GenerationRequest
+from tokenwire.stores.memory import MemoryStore
+
+TOKENS = [f"<{i:04d}>" + "x" * 500 for i in range(400)]
+
+
+class RecordingStore(MemoryStore):
+    """Counts followers, and the events a follower handed back to its response's task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.follows = 0
+        self.handed_back = 0
+        self._counting: dict[int, Any] = {}  # id(follower) -> the wrapper following in its place
+
+    def follow(self, stream_id: str, after: int, follower: Any) -> bool:
+        def counting(data: bytes, terminal: bool) -> bool:
+            keep = follower(data, terminal)
+            if not keep and not terminal:
+                self.handed_back += 1
+            return keep
+
+        if not super().follow(stream_id, after, counting):
+            return False
+        self.follows += 1
+        self._counting[id(follower)] = counting
+        return True
+
+    def unfollow(self, stream_id: str, follower: Any) -> None:
+        super().unfollow(stream_id, self._counting.pop(id(follower), follower))
+
+
+def test_a_client_that_pauses_gets_every_event_once_and_in_order() -> None:
+    store = RecordingStore()
+    provider = ScriptedProvider(tokens=TOKENS, interval=0.001)
+    app = create_app(Settings(heartbeat=5), provider=provider, store=store)
+    with serve_app(app, sndbuf=16 * 1024) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, int(port)))
+            body = json.dumps({"prompt": "hi"}).encode()
+            sock.sendall(
+                b"POST /api/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            # Not reading: the socket buffers fill, and a write has to wait for the client.
+            assert wait_until(lambda: store.handed_back >= 1, timeout=10)
+            sock.settimeout(10)
+            raw = bytearray()
+            while chunk := sock.recv(65536):
+                raw += chunk
+    head, _, chunked = bytes(raw).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    events = _events(_unchunk(chunked))
+    assert [e["_id"] for e in events] == [str(seq) for seq in range(1, len(events) + 1)]
+    assert [e["text"] for e in events if e["type"] == "token"] == TOKENS
+    assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "stop"
+    assert store.follows >= 2, "the reader caught up and followed again"
+
+
+def test_a_client_that_leaves_while_following_leaves_no_follower() -> None:
+    store = RecordingStore()
+    app = create_app(Settings(), provider=ScriptedProvider(tokens=["a"] * 100_000, interval=0.005), store=store)
+    relay = app.state.relay
+    with serve_app(app) as url, httpx.Client(timeout=5) as client:
+        # Resumable: the generation outlives its reader (the grace period), so a follower
+        # left behind would go on writing to the closed response.
+        with client.stream("POST", url + "/api/stream", json={"prompt": "hi", "resumable": True}) as response:
+            stream_id = response.headers["x-stream-id"]
+            for event in iter_events(response):
+                if event["type"] == "token" and int(event["_id"]) > 5:
+                    break
+            assert store.follows >= 1
+        assert wait_until(lambda: store._logs[stream_id].followers == [], timeout=2)
+        assert relay.active_streams == 1, "the generation still runs, in its grace period"
+        assert client.delete(f"{url}/api/stream/{stream_id}").status_code in (200, 202, 204)
+        assert wait_until(lambda: relay.active_streams == 0, timeout=2)
+
+
+def test_a_write_that_fails_while_following_ends_the_response_not_the_generation_task() -> None:
+    async def main() -> tuple[list[bytes], str]:
+        relay = Relay(ScriptedProvider(tokens=["t"] * 1000, interval=0.001))
+        async with relay:
+            response = await relay.respond(GenerationRequest.from_prompt("hi"))
+            bodies: list[bytes] = []
+
+            async def server_send(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.body":
+                    if len(bodies) == 5:
+                        raise RuntimeError("the connection broke")
+                    bodies.append(message["body"])
+
+            async def receive() -> dict[str, Any]:
+                await asyncio.Future()  # the client never says it left
+                raise AssertionError
+
+            scope = {"type": "http", SERVER_SEND: server_send}
+            await asyncio.wait_for(response(scope, receive, server_send), timeout=5)
+            result = await relay.store.read(response.meta.stream_id, 0, timeout=5)
+            while not result.ended:
+                result = await relay.store.read(response.meta.stream_id, 0, timeout=5)
+            return bodies, json.loads(result.entries[-1].split(b"data: ", 1)[1])["finish_reason"]
+
+    bodies, finish_reason = asyncio.run(main())
+    assert len(bodies) == 5
+    assert finish_reason == "cancelled"  # the client is gone: the generation was cancelled, and ended well
+
+
+def test_finish_resumes_an_awaitable_started_outside_any_task() -> None:
+    async def main() -> list[str]:
+        log: list[str] = []
+        gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def write() -> None:
+            log.append("started")
+            log.append(await gate)
+
+        steps = write().__await__()
+        waiting_on = steps.send(None)  # as a follower does, inside another task
+        assert waiting_on is gate
+        task = asyncio.create_task(_finish(steps, waiting_on))
+        await asyncio.sleep(0)
+        assert not task.done()
+        gate.set_result("written")
+        await task
+        return log
+
+    assert asyncio.run(main()) == ["started", "written"]
+
+
+def test_finish_passes_a_cancellation_into_the_awaitable() -> None:
+    async def main() -> list[str]:
+        log: list[str] = []
+
+        async def write() -> None:
+            try:
+                await asyncio.get_running_loop().create_future()
+            except asyncio.CancelledError:
+                log.append("cancelled inside")
+                raise
+
+        steps = write().__await__()
+        task = asyncio.create_task(_finish(steps, steps.send(None)))
+        await asyncio.sleep(0)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            log.append("task cancelled")
+        return log
+
+    assert asyncio.run(main()) == ["cancelled inside", "task cancelled"]
+
+
+def _unchunk(data: bytes) -> bytes:
+    out = bytearray()
+    while data:
+        size, _, data = data.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            break
+        out += data[:n]
+        data = data[n + 2 :]
+    return bytes(out)
+
+
+def _events(body: bytes) -> list[dict[str, Any]]:
+    return [{**json.loads(sse.data), "_id": sse.id} for sse in SSEDecoder().decode(body)]
