@@ -8,6 +8,8 @@ stopped reading.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -16,7 +18,14 @@ from contextlib import suppress
 import pytest
 
 from tokenwire import ConfigError, Finish, GenerationRequest, ProviderError, Queued, Token
-from tokenwire.providers.local import LocalProvider, LocalStats, bundled_model_path, model_name
+from tokenwire.providers.local import (
+    SWITCH_INTERVAL,
+    LocalProvider,
+    LocalStats,
+    _SwitchInterval,
+    bundled_model_path,
+    model_name,
+)
 
 QUESTION = "What is 2+2?"
 STORY = "Write a long story about a dragon who learns to cook."
@@ -254,3 +263,54 @@ def test_the_abort_switch_reads_its_byte(monkeypatch: pytest.MonkeyPatch, libc: 
     assert switch.callback(switch.data) is True
     switch.clear()
     assert switch.callback(switch.data) is False
+
+
+def _thread_ids() -> set[int]:
+    return {int(tid) for tid in os.listdir("/proc/self/task")}
+
+
+def _policies(tids: set[int]) -> list[int]:
+    policies = []
+    for tid in tids:
+        with suppress(OSError):  # a thread that ended meanwhile
+            policies.append(os.sched_getscheduler(tid))
+    return policies
+
+
+@pytest.mark.parametrize("idle_priority", [True, False], ids=["idle", "normal"])
+def test_the_model_yields_the_cpu_and_the_gil_to_the_event_loop(idle_priority: bool) -> None:
+    default_interval = sys.getswitchinterval()  # lowered already if the module's provider runs
+
+    async def main() -> tuple[float, list[int]]:
+        before = _thread_ids()
+        local = LocalProvider(idle_priority=idle_priority)
+        await local.startup()
+        try:
+            interval = sys.getswitchinterval()
+            # The worker thread, and the OpenMP threads llama.cpp starts from it on the first decode.
+            await collect(local.stream(ask(QUESTION, max_tokens=2)))
+            started = _thread_ids() - before
+            return interval, _policies(started)
+        finally:
+            await local.aclose()
+
+    interval, policies = asyncio.run(main())
+    assert interval <= SWITCH_INTERVAL
+    assert sys.getswitchinterval() == default_interval, "as it was before: restored by aclose()"
+    expected = os.SCHED_IDLE if idle_priority else os.SCHED_OTHER
+    assert len(policies) >= min(2, os.cpu_count() or 1), "the worker and llama.cpp's compute threads"
+    assert all(policy == expected for policy in policies), policies
+
+
+def test_the_switch_interval_is_lowered_while_any_model_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    interval = [0.005]
+    monkeypatch.setattr(sys, "getswitchinterval", lambda: interval[0])
+    monkeypatch.setattr(sys, "setswitchinterval", lambda value: interval.__setitem__(0, value))
+    models = _SwitchInterval()
+    models.lower()
+    models.lower()  # a second model
+    assert interval[0] == SWITCH_INTERVAL
+    models.restore()
+    assert interval[0] == SWITCH_INTERVAL, "one model still runs"
+    models.restore()
+    assert interval[0] == 0.005

