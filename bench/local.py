@@ -40,7 +40,7 @@ import httpx
 
 from tokenwire._sse import SSEDecoder
 
-from . import servers
+from . import local_abort, servers
 
 try:  # the prompt bench/local_model.py uses, when that module is there
     from .local_model import PROMPT
@@ -335,6 +335,10 @@ async def bench(runs: int, max_tokens: int, log_dir: Path, log: Any, cancel_runs
             log("local   WARNING: tokenwire and llama-cpp-python generated different texts")
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_keepalive_connections=0)) as client:
             out["cancel"] = await cancel_probes(client, server.port, cancel_runs, log)
+        server.stop()  # one model at a time from here
+        out["abort_by_ubatch"] = await asyncio.to_thread(
+            local_abort.run, log, prompt_runs=2 if cancel_runs >= 10 else 1, aborts=cancel_runs
+        )
         return out
     finally:
         direct.close()

@@ -299,6 +299,25 @@ def _local(r: dict[str, Any]) -> list[str]:
                 f"{_f(row.get('max_ms', math.nan))} | {row['void']} |"
             )
         lines.append("")
+    by_ubatch = loc.get("abort_by_ubatch")
+    if by_ubatch:
+        lines += [
+            "### Stopping a prompt evaluation, by `n_ubatch` (`bench/local_abort.py`)",
+            "",
+            f"llama-cpp-python directly, the ~{by_ubatch[0]['prompt_tokens']:,}-token prompt above: its speed "
+            "evaluated whole, and the time from setting the abort switch to `eval()` raising, aborted at a "
+            "random point. llama.cpp polls the switch between graph nodes, and a graph covers `n_ubatch` tokens: "
+            "LocalProvider uses 64 (llama.cpp's default is 512).",
+            "",
+            "| n_ubatch | prompt tokens/s | abort p50 ms | abort max ms | aborts |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for row in by_ubatch:
+            lines.append(
+                f"| {row['n_ubatch']} | {_f(row['prompt_tokens_per_s'], 0)} | {_f(row['abort_p50_ms'])} | "
+                f"{_f(row['abort_max_ms'])} | {row['aborts']} |"
+            )
+        lines.append("")
     return lines
 
 
