@@ -537,6 +537,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def post_without_reading(url: str, body: dict[str, Any]) -> socket.socket:
+    """POST ``body`` to ``url``/api/stream on a plain socket with a 4 KiB receive buffer; read nothing.
+
+    For clients that stop reading: the server's writes stall as soon as the buffers are full.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    data = json.dumps(body).encode()
+    sock.sendall(
+        b"POST /api/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data)
+    )
+    return sock
+
+
 def wait_until(condition: Callable[[], bool], timeout: float = 2.0, interval: float = 0.005) -> bool:
     """Poll ``condition`` until it holds or ``timeout`` passes; its last value."""
     deadline = time.monotonic() + timeout

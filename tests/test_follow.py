@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from typing import Any
 
 import httpx
 
-from fakes import iter_events, serve_app, wait_until
+from fakes import iter_events, post_without_reading, serve_app, wait_until
 from tokenwire import Relay, ScriptedProvider, Settings, create_app
 from tokenwire._response import SERVER_SEND, _finish
 from tokenwire._sse import SSEDecoder
@@ -56,15 +55,7 @@ def test_a_client_that_pauses_gets_every_event_once_and_in_order() -> None:
     provider = ScriptedProvider(tokens=TOKENS, interval=0.001)
     app = create_app(Settings(heartbeat=5), provider=provider, store=store)
     with serve_app(app, sndbuf=16 * 1024) as url:
-        host, port = url.removeprefix("http://").split(":")
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect((host, int(port)))
-            body = json.dumps({"prompt": "hi"}).encode()
-            sock.sendall(
-                b"POST /api/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
-            )
+        with post_without_reading(url, {"prompt": "hi"}) as sock:
             # Not reading: the socket buffers fill, and a write has to wait for the client.
             assert wait_until(lambda: store.handed_back >= 1, timeout=10)
             sock.settimeout(10)

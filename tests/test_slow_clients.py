@@ -6,14 +6,13 @@ the upstream keeps generating for as long as the client holds the socket.
 
 from __future__ import annotations
 
-import json
 import resource
 import socket
 from collections.abc import Iterator
 
 import pytest
 
-from fakes import active_streams, serve_app, wait_until
+from fakes import active_streams, post_without_reading, serve_app, wait_until
 from tokenwire import ScriptedProvider, Settings, create_app
 
 SEND_TIMEOUT = 1.0
@@ -32,15 +31,7 @@ def server() -> Iterator[tuple[str, object]]:
 
 def stuck_client(url: str) -> socket.socket:
     """POST a stream, read the response head, then never read again."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect((host, int(port)))
-    body = json.dumps({"prompt": "hi"}).encode()
-    sock.sendall(
-        b"POST /api/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\n\r\n%s" % (len(body), body)
-    )
+    sock = post_without_reading(url, {"prompt": "hi"})
     assert sock.recv(12).startswith(b"HTTP/1.1 200")
     return sock
 
