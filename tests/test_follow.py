@@ -19,6 +19,7 @@ from tokenwire import Relay, ScriptedProvider, Settings, create_app
 from tokenwire._response import SERVER_SEND, _finish
 from tokenwire._sse import SSEDecoder
 from tokenwire.providers.base import GenerationRequest
+from tokenwire.stores.base import StreamMeta
 from tokenwire.stores.memory import MemoryStore
 
 TOKENS = [f"<{i:04d}>" + "x" * 500 for i in range(400)]
@@ -179,3 +180,36 @@ def _unchunk(data: bytes) -> bytes:
 
 def _events(body: bytes) -> list[dict[str, Any]]:
     return [{**json.loads(sse.data), "_id": sse.id} for sse in SSEDecoder().decode(body)]
+
+
+def test_the_memory_store_hands_appends_to_its_followers_only_at_the_live_end() -> None:
+    async def main() -> None:
+        store = MemoryStore()
+        await store.create(StreamMeta("s", "", "m", resumable=False))
+        await store.append("s", 1, b"one")
+        got: list[tuple[bytes, bool]] = []
+
+        def follower(data: bytes, terminal: bool) -> bool:
+            got.append((data, terminal))
+            return len(got) < 2  # wants two events
+
+        assert not store.follow("s", 0, follower), "seq 1 is still to be read: not at the live end"
+        assert store.follow("s", 1, follower)
+        for seq in (2, 3, 4):
+            await store.append("s", seq, b"%d" % seq)
+        assert got == [(b"2", False), (b"3", False)], "dropped once it returned False"
+
+        others: list[bytes] = []
+
+        def keep_following(data: bytes, terminal: bool) -> bool:
+            others.append(data)
+            return True
+
+        assert store.follow("s", 4, keep_following)
+        store.unfollow("s", follower)  # not following any more: nothing happens
+        await store.append("s", 5, b"end", terminal=True)
+        assert others == [b"end"]
+        assert not store.follow("s", 5, follower), "an ended log has nothing more to hand out"
+        assert (await store.read("s", 0, timeout=0)).entries == [b"one", b"2", b"3", b"4", b"end"]
+
+    asyncio.run(main())
