@@ -118,6 +118,9 @@ class EventStreamResponse:
         except (ClientGone, OSError):
             pass
         finally:
+            # The cancelled sender's traceback holds this response: without its task, that
+            # is no reference cycle, and all of it is freed now, not by a full GC pass later.
+            self.writer = None
             relay.unwatch_writes(self)
             relay.detach(stream_id, client_gone=client_gone)
             if self.meta.resumable:

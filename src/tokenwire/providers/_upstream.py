@@ -159,6 +159,9 @@ class _Connection(asyncio.Protocol):
         self.lost = True
         self.lost_reason = str(exc) if exc is not None and str(exc) else "connection closed"
         self.transport = None
+        # The parser holds this protocol for its callbacks: a cycle that only a full GC pass
+        # would free (a connection that is gone is never read again).
+        self.parser = None  # type: ignore[assignment]
         if self.expiry is not None:
             self.expiry.cancel()
         self._wake()
