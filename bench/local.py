@@ -337,7 +337,7 @@ async def bench(runs: int, max_tokens: int, log_dir: Path, log: Any, cancel_runs
             out["cancel"] = await cancel_probes(client, server.port, cancel_runs, log)
         server.stop()  # one model at a time from here
         out["abort_by_ubatch"] = await asyncio.to_thread(
-            local_abort.run, log, prompt_runs=2 if cancel_runs >= 10 else 1, aborts=cancel_runs
+            local_abort.run, log, prompt_runs=2 if cancel_runs >= 10 else 1, aborts=min(cancel_runs, 20)
         )
         return out
     finally:

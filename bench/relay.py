@@ -63,7 +63,7 @@ FULL = Plan(
     name="full", repeats=5, levels=(1, 100, 200, 500), rate=20, ramp_s=1.0, settle_s=1.0, start_timeout_s=5.0, measure_s=4.0,
     ceiling_streams=200, ceiling_start=1000, ceiling_factor=1.5, ceiling_refine=2, ceiling_max=80_000,
     ceiling_measure_s=3.0, ceiling_floor=True, cancel_probes=100, cancel_load_streams=200, profile_streams=500, memory_streams=1000,
-    profile_s=10, parser_repeats=7, parser_min_s=0.5, local_runs=9, local_max_tokens=256, local_cancel_probes=20,
+    profile_s=10, parser_repeats=7, parser_min_s=0.5, local_runs=9, local_max_tokens=256, local_cancel_probes=100,
 )  # fmt: skip
 QUICK = Plan(
     name="quick", repeats=1, levels=(1, 100, 200, 500), rate=20, ramp_s=0.5, settle_s=0.3, start_timeout_s=2.0, measure_s=1.5,
