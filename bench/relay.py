@@ -10,6 +10,7 @@ import asyncio
 import math
 import statistics
 import time
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ class Plan:
     settle_s: float
     start_timeout_s: float
     measure_s: float
+    min_samples: int  # per latency run: a window long enough for this many tokens (the 1-stream point)
     ceiling_streams: int
     ceiling_start: float
     ceiling_factor: float
@@ -61,13 +63,13 @@ class Plan:
 
 FULL = Plan(
     name="full", repeats=5, levels=(1, 100, 200, 500), rate=20, ramp_s=1.0, settle_s=1.0, start_timeout_s=5.0, measure_s=4.0,
-    ceiling_streams=200, ceiling_start=1000, ceiling_factor=1.5, ceiling_refine=2, ceiling_max=80_000,
+    min_samples=200, ceiling_streams=200, ceiling_start=1000, ceiling_factor=1.5, ceiling_refine=2, ceiling_max=80_000,
     ceiling_measure_s=3.0, ceiling_floor=True, cancel_probes=100, cancel_load_streams=200, profile_streams=500, memory_streams=1000,
     profile_s=10, parser_repeats=7, parser_min_s=0.5, local_runs=9, local_max_tokens=256, local_cancel_probes=100,
 )  # fmt: skip
 QUICK = Plan(
     name="quick", repeats=1, levels=(1, 100, 200, 500), rate=20, ramp_s=0.5, settle_s=0.3, start_timeout_s=2.0, measure_s=1.5,
-    ceiling_streams=200, ceiling_start=2000, ceiling_factor=2.0, ceiling_refine=0, ceiling_max=80_000,
+    min_samples=0, ceiling_streams=200, ceiling_start=2000, ceiling_factor=2.0, ceiling_refine=0, ceiling_max=80_000,
     ceiling_measure_s=1.0, ceiling_floor=False, cancel_probes=20, cancel_load_streams=200, profile_streams=500,
     memory_streams=300,
     profile_s=3, parser_repeats=3, parser_min_s=0.05, local_runs=1, local_max_tokens=48, local_cancel_probes=3,
@@ -116,6 +118,18 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def _pooled_percentiles(latencies_ns: array) -> dict[str, float]:
+    ordered = sorted(latencies_ns)
+    if not ordered:
+        return {"p50_ms": math.nan, "p99_ms": math.nan, "p999_ms": math.nan, "max_ms": math.nan}
+    return {
+        "p50_ms": percentile(ordered, 50) / 1e6,
+        "p99_ms": percentile(ordered, 99) / 1e6,
+        "p999_ms": percentile(ordered, 99.9) / 1e6,
+        "max_ms": ordered[-1] / 1e6,
+    }
+
+
 async def _settle(upstream: FakeUpstream, seconds: float = 0.5) -> None:
     upstream.forget()
     await asyncio.sleep(seconds)
@@ -127,19 +141,28 @@ async def _settle(upstream: FakeUpstream, seconds: float = 0.5) -> None:
 async def latency(
     upstream: FakeUpstream, targets: list[Target], pids: dict[str, int | None], plan: Plan, log: Any
 ) -> dict[str, Any]:
-    """Per level, ``repeats`` rounds; each round runs every target once, in turn."""
-    out: dict[str, Any] = {"rate": plan.rate, "levels": {}, "cdf": {}}
+    """Per level, ``repeats`` rounds; each round runs every target once, in turn.
+
+    The percentiles of a level are over the tokens of all its rounds together: at 1 stream a
+    4 s window holds 80 tokens, whose "p99" would be one run's maximum, so the window there is
+    also stretched to ``plan.min_samples`` tokens a run.  The other figures are medians of runs.
+    """
+    out: dict[str, Any] = {"rate": plan.rate, "levels": {}, "cdf": {}, "measure_s": {}}
     for level in plan.levels:
         ramp = plan.ramp_s if level > 1 else 0.0
+        measure_s = max(plan.measure_s, plan.min_samples / (level * plan.rate))
+        out["measure_s"][str(level)] = measure_s
         runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+        pooled: dict[str, array] = {t.name: array("q") for t in targets}
         for rep in range(plan.repeats):
             for target in targets:
                 result = await run_streams(
-                    target, level, plan.rate, ramp_s=ramp, settle_s=plan.settle_s, measure_s=plan.measure_s,
+                    target, level, plan.rate, ramp_s=ramp, settle_s=plan.settle_s, measure_s=measure_s,
                     start_timeout_s=plan.start_timeout_s, server_pid=pids.get(target.name),
                 )  # fmt: skip
                 summary = summarize(result)
                 runs[target.name].append(summary)
+                pooled[target.name].extend(result.latencies_ns)
                 log(
                     f"latency {level:>4} streams  {target.name:<14} rep {rep + 1}: p50 {summary['p50_ms']:.2f} ms  "
                     f"p99 {summary['p99_ms']:.2f} ms  {summary['tokens_per_s']:.0f} tok/s  "
@@ -153,10 +176,7 @@ async def latency(
                 await _settle(upstream)
         out["levels"][str(level)] = {
             name: {
-                "p50_ms": _median(r, "p50_ms"),
-                "p99_ms": _median(r, "p99_ms"),
-                "p999_ms": _median(r, "p999_ms"),
-                "max_ms": _median(r, "max_ms"),
+                **_pooled_percentiles(pooled[name]),
                 "tokens_per_s": _median(r, "tokens_per_s"),
                 "server_cpu": _median(r, "server_cpu"),
                 "server_us_per_token": _median(r, "server_us_per_token"),

@@ -83,9 +83,9 @@ def _method(r: dict[str, Any]) -> list[str]:
     return [
         "## Method",
         "",
-        f"Mode **{plan['name']}**: {plan['repeats']} repeat(s) per latency point (medians shown). Streams "
+        f"Mode **{plan['name']}**: {plan['repeats']} repeat(s) per latency point. Streams "
         f"start evenly over {plan['ramp_s']:g} s; the measurement window opens {plan['settle_s']:g} s after "
-        f"every stream has had its first token and lasts {plan['measure_s']:g} s; only tokens *written by the "
+        f"every stream has had its first token and lasts {plan['measure_s']:g} s{_long_windows(r)}; only tokens *written by the "
         "upstream* inside it count, and each stream ends once it has received a token written after it (so "
         "every window token is counted, however late). Connection set-up costs a relay far more than a "
         "token and is left out. Rounds interleave the relays so that drifting machine noise hits all alike. "
@@ -105,8 +105,8 @@ def _method(r: dict[str, Any]) -> list[str]:
         "`tokenwire serve --provider openai`, `bench/baselines/tutorial.py` (FastAPI `StreamingResponse` "
         "+ httpx, the tutorial way) and `bench/baselines/sse_starlette.py` (`EventSourceResponse` + httpx). "
         "Both baselines parse each upstream chunk and re-encode a small JSON event, as tokenwire does.",
-        "- **Percentiles** are nearest-rank over all tokens of a run; the table shows the median over "
-        "repeats. Server CPU = the server process's CPU time / window time (100% = one core); CPU µs/token = "
+        "- **Percentiles** are nearest-rank over all tokens of all repeats of a point together (per-run "
+        "figures are in `results.json`); the other columns are medians over repeats. Server CPU = the server process's CPU time / window time (100% = one core); CPU µs/token = "
         "that / tokens relayed per second, the figure noise disturbs least (meaningless once a relay "
         "saturates: then its backlog drains after the window). *Other load* = CPU used meanwhile by every "
         "other process on the machine (other people's work, the kernel, loopback networking), in cores: the "
@@ -114,6 +114,16 @@ def _method(r: dict[str, Any]) -> list[str]:
         "ramp): a saturated relay.",
         "",
     ]
+
+
+def _long_windows(r: dict[str, Any]) -> str:
+    """The levels whose window was stretched so that a run has at least ``min_samples`` tokens."""
+    windows = (r.get("latency") or {}).get("measure_s", {})
+    longer = [(level, s) for level, s in windows.items() if s > r["plan"]["measure_s"]]
+    if not longer:
+        return ""
+    at = ", ".join(f"{s:g} s at {level} stream{'s' if level != '1' else ''}" for level, s in longer)
+    return f" ({at}: at least {r['plan']['min_samples']} tokens a run, so that p99 is not one run's maximum)"
 
 
 def _latency(r: dict[str, Any]) -> list[str]:
