@@ -234,11 +234,11 @@ class RunResult:
         return percentile(self.latencies_ns, q) / 1e6
 
 
-def percentile(values: array | list[int] | list[float], q: float) -> float:
+def percentile(values: array | list[int] | list[float], q: float, *, presorted: bool = False) -> float:
     """Nearest-rank percentile, q in [0, 100]."""
     if not len(values):
         return float("nan")
-    ordered = sorted(values)
+    ordered = values if presorted else sorted(values)
     rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
     return float(ordered[rank - 1])
 

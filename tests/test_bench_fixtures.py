@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from array import array
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ import pytest
 # are installed by the project's own files.
 from bench import fixtures, parsers
 from bench.loadgen import Target, run_streams
+from bench.relay import latency_ms
+from bench.report import _long_windows
 from bench.upstream import FakeUpstream
 
 from tokenwire import GenerationRequest
@@ -117,17 +120,12 @@ def test_fake_upstream_speaks_openai_and_the_load_generator_counts_every_token()
 def test_latency_percentiles_are_over_every_token_of_every_run() -> None:
     """A 1-stream run holds few tokens: its nearest-rank p99 is its maximum, and a median of such
     maxima is no p99.  The table's percentiles pool the runs (and report.py says so)."""
-    from array import array
-
-    from bench.relay import _pooled_percentiles
-    from bench.report import _long_windows
-
     runs = [array("q", [i * 1_000_000 for i in range(start, 201, 2)]) for start in (1, 2)]  # 1..200 ms
     pooled = array("q")
     for run in runs:
         pooled.extend(run)
-    got = _pooled_percentiles(pooled)
-    assert (got["p50_ms"], got["p99_ms"], got["p999_ms"], got["max_ms"]) == (100.0, 198.0, 200.0, 200.0)
+    got = latency_ms(pooled)
+    assert (got["p50_ms"], got["p90_ms"], got["p99_ms"], got["p999_ms"], got["max_ms"]) == (100.0, 180.0, 198.0, 200.0, 200.0)
 
     r = {"plan": {"measure_s": 4.0, "min_samples": 200}, "latency": {"measure_s": {"1": 10.0, "100": 4.0}}}
     assert "10 s at 1 stream:" in _long_windows(r) and "100" not in _long_windows(r)
