@@ -68,6 +68,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ._app import create_app
+    from ._server import create_config
 
     overrides = {
         name: getattr(args, name)
@@ -81,14 +82,7 @@ def serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=3,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(create_config(app, settings))
     # Everything made so far lives as long as the process: keep it out of the
     # collector's full passes, which otherwise stall every stream for tens of ms.
     gc.freeze()
