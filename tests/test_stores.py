@@ -499,3 +499,108 @@ def test_a_redis_store_that_cannot_connect_says_how_to_fix_it() -> None:
         await store.aclose()
 
     run(main, deadline=30)
+
+
+# -- the memory store's expiry ----------------------------------------------
+# Memory only: Redis expires keys itself. No test here reads the finished logs, which
+# would drop them on the way (_live_log); they must go on their own.
+
+
+def test_a_finished_log_is_dropped_at_its_ttl_without_being_read() -> None:
+    ttl = 0.3
+
+    async def main() -> None:
+        async with opened(MemoryStore(LogLimits(unresumable_ttl=ttl))) as store:
+            assert isinstance(store, MemoryStore)
+            finished, running = new_meta(), new_meta()
+            await store.create(finished)
+            await store.create(running)
+            await append_events(store, finished.stream_id, range(1, 4), end=3)
+            ended_at = time.monotonic()
+            await append_events(store, running.stream_id, range(1, 4))
+            assert len(store) == 2
+
+            async def finished_gone() -> bool:
+                return len(store) == 1
+
+            await eventually(finished_gone, within=ttl + 2)
+            assert time.monotonic() - ended_at >= ttl * 0.9
+            assert finished.stream_id not in store._logs
+            assert running.stream_id in store._logs  # a log that has not ended has no expiry
+
+    run(main)
+
+
+def test_a_churn_of_streams_leaves_no_finished_log_once_their_ttl_passed() -> None:
+    ttl, streams = 0.5, 2000
+
+    async def main() -> None:
+        async with opened(MemoryStore(LogLimits(unresumable_ttl=ttl))) as store:
+            assert isinstance(store, MemoryStore)
+            running = new_meta()
+            await store.create(running)
+            await store.append(running.stream_id, 1, event(1))
+            for i in range(streams):
+                meta = new_meta(resumable=i % 10 == 0)  # the resumable ones keep the 600 s ttl
+                await store.create(meta)
+                await append_events(store, meta.stream_id, range(1, 6), end=5)
+                if i % 100 == 0:
+                    await asyncio.sleep(0)  # let the timers of the first ones fire meanwhile
+            assert len(store) > streams // 10 + 1
+            last_ended_at = time.monotonic()
+
+            async def only_unexpired_left() -> bool:
+                return len(store) == streams // 10 + 1
+
+            await eventually(only_unexpired_left, within=ttl + 3)
+            assert time.monotonic() - last_ended_at >= ttl * 0.9
+            unresumable = {sid for sid, log in store._logs.items() if not log.meta.resumable}
+            assert unresumable == {running.stream_id}
+
+    run(main)
+
+
+def test_aclose_cancels_every_expiry_timer() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        handles: list[asyncio.TimerHandle] = []
+        call_at = loop.call_at
+
+        def recording_call_at(when, callback, *args, **kwargs):  # type: ignore[no-untyped-def]
+            handle = call_at(when, callback, *args, **kwargs)
+            handles.append(handle)
+            return handle
+
+        loop.call_at = recording_call_at  # type: ignore[method-assign]  # call_later goes through it too
+        try:
+            store = MemoryStore()
+            await store.startup()
+            for resumable in (False, True):
+                meta = new_meta(resumable=resumable)
+                await store.create(meta)
+                await append_events(store, meta.stream_id, range(1, 3), end=2)
+            assert [handle for handle in handles if not handle.cancelled()], "no expiry timer was set"
+            await store.aclose()
+            assert [handle for handle in handles if not handle.cancelled()] == []
+        finally:
+            del loop.call_at
+
+    run(main)
+
+
+def test_a_store_started_again_after_aclose_expires_its_finished_logs() -> None:
+    async def main() -> None:
+        store = MemoryStore(LogLimits(unresumable_ttl=0.2))
+        await store.startup()
+        meta = new_meta()
+        await store.create(meta)
+        await append_events(store, meta.stream_id, range(1, 3), end=2)
+        await store.aclose()  # before the timer could fire: append never yields
+        async with opened(store):
+
+            async def gone() -> bool:
+                return len(store) == 0
+
+            await eventually(gone, within=3)
+
+    run(main)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from importlib import resources
@@ -18,14 +19,15 @@ from starlette.routing import Route
 from ._auth import KeyRing
 from ._config import Settings
 from ._relay import IdempotencyConflict, Relay, fingerprint_of
-from ._response import SERVER_SEND, EventStreamResponse
+from ._response import SERVER_SEND, EventStreamResponse, store_unavailable_response
 from ._validation import RequestError, invalid, parse_stream_request
 from .providers.base import Provider
-from .stores.base import StreamStore
+from .stores.base import StoreUnavailable, StreamStore
 
 logger = logging.getLogger("tokenwire")
 
 MAX_IDEMPOTENCY_KEY = 255
+HEALTH_CHECK_TIMEOUT = 1.0  # seconds /healthz waits for the store before calling it down
 
 
 def error_response(exc: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -95,6 +97,10 @@ def create_app(
         metrics.refused[exc.error_type] += 1
         return error_response(exc, headers)
 
+    def unavailable() -> JSONResponse:
+        metrics.refused["store_unavailable"] += 1
+        return store_unavailable_response()
+
     def principal_of(request: Request) -> str:
         """Who is asking: "" when no keys are configured; raises 401 otherwise."""
         if keys is None:
@@ -145,6 +151,8 @@ def create_app(
             )
         except RequestError as exc:
             return refuse(exc)
+        except StoreUnavailable:
+            return unavailable()
         except IdempotencyConflict:
             return refuse(
                 RequestError(
@@ -162,7 +170,10 @@ def create_app(
             after = parse_cursor(request)
         except RequestError as exc:
             return refuse(exc)
-        meta = await relay.get(request.path_params["stream_id"], principal)
+        try:
+            meta = await relay.get(request.path_params["stream_id"], principal)
+        except StoreUnavailable:
+            return unavailable()
         if meta is None:
             return refuse(_not_found())
         return EventStreamResponse(relay, meta, after=after)  # type: ignore[return-value]
@@ -172,23 +183,35 @@ def create_app(
             principal = principal_of(request)
         except RequestError as exc:
             return refuse(exc)
-        meta = await relay.get(request.path_params["stream_id"], principal)
-        if meta is None:
-            return refuse(_not_found())
-        await relay.cancel(meta.stream_id)
+        try:
+            meta = await relay.get(request.path_params["stream_id"], principal)
+            if meta is None:
+                return refuse(_not_found())
+            await relay.cancel(meta.stream_id)
+        except StoreUnavailable:
+            return unavailable()
         return Response(status_code=204)
 
     async def metrics_route(request: Request) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def healthz(request: Request) -> Response:
+        # A replica whose store is down can start and resume nothing: a load balancer takes it out.
+        try:
+            async with asyncio.timeout(HEALTH_CHECK_TIMEOUT):
+                await relay.store.check()
+            store_status = "ok"
+        except (StoreUnavailable, TimeoutError):
+            store_status = "unreachable"
         return JSONResponse(
             {
-                "status": "ok",
+                "status": "ok" if store_status == "ok" else "unavailable",
+                "store": store_status,
                 "provider": relay.provider.name,
                 "model": relay.provider.default_model,
                 "active_streams": relay.active_streams,
-            }
+            },
+            200 if store_status == "ok" else 503,
         )
 
     async def index(request: Request) -> Response:
@@ -215,6 +238,8 @@ def create_app(
         exception_handlers={HTTPException: _http_error, 500: _internal_error},
         middleware=_cors(settings.cors_origin_list()),
     )
+    # "/api/stream/" is not "/api/stream": a JSON 404 that names the path, not a 307 to follow.
+    app.router.redirect_slashes = False
     app.state.relay = relay
     app.state.settings = settings
     return app

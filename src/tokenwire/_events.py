@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 FinishReason = Literal["stop", "length", "cancelled", "timeout"]
-ErrorType = Literal["upstream_error", "upstream_timeout", "internal_error"]
+ErrorType = Literal["upstream_error", "upstream_timeout", "internal_error", "replica_lost", "store_unavailable"]
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 

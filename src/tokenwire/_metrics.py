@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
+from collections.abc import Callable
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -41,9 +42,10 @@ class Histogram:
 class Metrics:
     """What the relay and the responses count; rendered by ``GET /metrics``."""
 
-    def __init__(self) -> None:
+    def __init__(self, active_streams: Callable[[], int] = lambda: 0) -> None:
+        # A gauge read from the relay's own table when rendered: never a second count that can drift.
+        self._active_streams = active_streams
         self.streams_started = 0
-        self.active_streams = 0
         self.time_to_first_token = Histogram()
         self.inter_token_delay = Histogram()
         self.cancellations: dict[str, int] = defaultdict(int)  # by phase
@@ -52,6 +54,10 @@ class Metrics:
         self.bytes_sent = 0
         self.clients_dropped = 0  # stopped reading past the send timeout
         self.refused: dict[str, int] = defaultdict(int)  # requests refused, by error type
+
+    @property
+    def active_streams(self) -> int:
+        return self._active_streams()
 
     def render(self) -> str:
         out: list[str] = []

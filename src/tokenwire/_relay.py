@@ -4,11 +4,18 @@ Starlette never closes a body iterator (FIELD-GUIDE: "Own the generation in a
 task you cancel yourself"), so the generation is not the response's iterator.
 :meth:`Relay.start` creates a stream, writes its events into the store's log from
 a task of its own and returns at once; responses (:mod:`tokenwire._response`)
-tail the log.  Cancelling the task (client gone, ``DELETE``, deadline, shutdown)
-throws ``CancelledError`` into the provider's await, which closes the upstream
-socket or stops the local model, and the log ends with ``done``/``cancelled``.
+tail the log.
 
-Every stream's log ends with exactly one terminal event, whatever happens.
+Stopping a generation (client gone, ``DELETE`` here or on another replica,
+deadline, stalled upstream, shutdown) is level-triggered, so that it cannot be
+lost: the relay fires the generation's :class:`~tokenwire.providers.base.StopSignal`,
+which aborts the upstream socket or stops the local model at once, in the
+caller's frame; it also cancels the task, and the task checks the signal after
+every await, so a ``CancelledError`` swallowed by library code (Python 3.11's
+``asyncio.wait_for``, python/cpython#86296) still stops it at its next step.
+
+Every stream's log ends with exactly one terminal event, whatever happens: an
+append that a cancel interrupted is written again (appends are idempotent) before it.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,8 +46,8 @@ from ._events import (
 )
 from ._exceptions import ProviderError
 from ._metrics import Metrics
-from .providers.base import GenerationRequest, Provider
-from .stores.base import StreamMeta, StreamStore
+from .providers.base import GenerationRequest, Provider, StopSignal, current_stop
+from .stores.base import StoreUnavailable, StreamEnded, StreamMeta, StreamNotFound, StreamStore
 from .stores.memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -64,6 +71,19 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body."""
 
 
+# Why a generation stopped (StopSignal.reason) when it is not a cancel.
+DEADLINE = "the generation reached its deadline"
+STALLED = "the upstream stalled"
+SHUTDOWN = "the server is shutting down"
+CANCELLED_ELSEWHERE = "cancelled by request on another replica"
+
+REPLICA_LOST = Error(
+    "replica_lost",
+    "the replica running this stream stopped before finishing it; start the stream again",
+    retryable=True,
+)
+
+
 @dataclass(slots=True)
 class _Generation:
     """What this process knows of a stream it runs."""
@@ -71,9 +91,9 @@ class _Generation:
     meta: StreamMeta
     task: asyncio.Task[None] | None = None
     # A task cancelled before its first step never runs its body (no finally,
-    # so no terminal event): until it runs, a cancel is a flag it checks.
+    # so no terminal event): until it runs, a stop is only the flag it checks.
     running: bool = False
-    cancel_requested: bool = False
+    stop: StopSignal = field(default_factory=StopSignal)
     readers: int = 0
     grace_timer: asyncio.TimerHandle | None = None
     started: float = field(default_factory=lambda: asyncio.get_running_loop().time())
@@ -111,8 +131,9 @@ class Relay:
         self._per_principal: dict[str, int] = {}
         self._writers: set[EventStreamResponse] = set()
         self._sweeper: asyncio.Task[None] | None = None
-        self.metrics = Metrics()
+        self.metrics = Metrics(active_streams=self._running.__len__)
         self._started = False
+        self.store.lost_writer_event = _encode_replica_lost
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -156,8 +177,8 @@ class Relay:
         if self._sweeper is not None:
             self._sweeper.cancel()
         tasks = [g.task for g in self._running.values() if g.task is not None]
-        for task in tasks:
-            task.cancel()
+        for generation in list(self._running.values()):
+            self._stop(generation, SHUTDOWN)
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self.provider.aclose()
@@ -214,7 +235,12 @@ class Relay:
         if idempotency_key is not None:
             fingerprint = fingerprint or fingerprint_of(request)
             scope = f"{principal}\x00{idempotency_key}"
-            existing = await self.store.claim_idempotency_key(scope, fingerprint, meta.stream_id)
+            try:
+                existing = await self.store.claim_idempotency_key(scope, fingerprint, meta.stream_id)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self.store.discard(meta.stream_id)  # a stream nobody will write
+                raise
             if existing is not None:
                 await self.store.discard(meta.stream_id)
                 stream_id, bound_fingerprint = existing
@@ -310,109 +336,132 @@ class Relay:
         generation = self._running.get(stream_id)
         if generation is None or generation.task is None:
             return False
-        if not generation.running:
-            generation.cancel_requested = True
-        elif not generation.task.done():
-            logger.debug("cancelling %s: %s", stream_id, reason)
-            generation.task.cancel(reason)
+        self._stop(generation, reason)
         return True
 
+    @staticmethod
+    def _stop(generation: _Generation, reason: str) -> None:
+        """Stop a generation: its upstream now (the signal's callbacks), its task at its next step."""
+        if not generation.stop.stop(reason):
+            return  # stopped already: one cancel per task, so none lands on its terminal write
+        logger.debug("stopping %s: %s", generation.meta.stream_id, reason)
+        task = generation.task
+        # Not before its first step (it would never run, and write no terminal event), and not
+        # from inside (the cancel would land on the terminal write): the flag does it there.
+        if task is not None and generation.running and not task.done() and task is not asyncio.current_task():
+            task.cancel(reason)
+
     async def _on_cancel_published(self, stream_id: str) -> None:
-        self._cancel_local(stream_id, "cancelled by request on another replica")
+        self._cancel_local(stream_id, CANCELLED_ELSEWHERE)
 
     # -- the generation task ----------------------------------------------
 
     async def _run(self, generation: _Generation, request: GenerationRequest) -> None:
         generation.running = True
+        stop = generation.stop
+        current_stop.set(stop)  # providers register what stops their work (providers.base.on_stop)
         meta = generation.meta
         store = self.store
         options = self.options
         metrics = self.metrics
         stream_id = meta.stream_id
         loop = asyncio.get_running_loop()
-        seq = 0
+        seq = 0  # the last seq appended, or being appended
+        confirmed = 0  # the last seq the store confirmed
+        last_data = b""
         tokens = 0
         phase = "before_first_token"
         last_token_at = generation.started
         reported = Usage(0)  # the provider's running usage, if it gives one
         terminal: StreamEvent | None = None
+        write_terminal = True
 
         def usage_so_far() -> Usage:
             return Usage(max(tokens, reported.completion_tokens), reported.prompt_tokens)
+
         metrics.streams_started += 1
-        metrics.active_streams += 1
 
         async def emit(event: StreamEvent) -> None:
-            nonlocal seq
+            nonlocal seq, confirmed, last_data
             seq += 1
-            await store.append(stream_id, seq, encode_event(seq, event), terminal=event.type in ("done", "error"))
+            last_data = encode_event(seq, event)
+            if await store.append(stream_id, seq, last_data):
+                self._stop(generation, CANCELLED_ELSEWHERE)
+            confirmed = seq
+            if stop.reason is not None:
+                raise asyncio.CancelledError
 
         try:
-            await emit(Start(stream_id, meta.model))
-            if generation.cancel_requested:
+            if stop.reason is not None:  # stopped before this task's first step
                 raise asyncio.CancelledError
+            await emit(Start(stream_id, meta.model))
             stream = self.provider.stream(request)
-            deadline = asyncio.timeout(options.max_duration)
+            deadline = loop.call_later(options.max_duration, self._stop, generation, DEADLINE)
             # One watch for "no token yet" and "no token lately", moved by every token, so
             # that heartbeats to the client never hide a stalled upstream.
-            stall = _StallWatch(loop, options.first_token_timeout)
+            stall = _StallWatch(loop, options.first_token_timeout, lambda: self._stop(generation, STALLED))
             try:
-                async with deadline:
-                    async for event in stream:
-                        kind = type(event)
-                        if kind is Token:
-                            now = loop.time()
-                            if tokens:
-                                metrics.inter_token_delay.observe(now - last_token_at)
-                            else:
-                                metrics.time_to_first_token.observe(now - generation.started)
-                                phase = "mid_stream"
-                            last_token_at = now
-                            stall.move(now + options.idle_timeout)
-                            tokens += 1
-                            seq += 1
-                            await store.append(stream_id, seq, encode_token_event(seq, event.text))  # type: ignore[union-attr]
-                        elif kind is Finish:
-                            terminal = Done(event.finish_reason, event.usage or usage_so_far())  # type: ignore[union-attr]
-                            break
-                        elif kind is UsageUpdate:
-                            reported = event.usage  # type: ignore[union-attr]
+                async for event in stream:
+                    kind = type(event)
+                    if kind is Token:
+                        now = loop.time()
+                        if tokens:
+                            metrics.inter_token_delay.observe(now - last_token_at)
                         else:
-                            if kind is Queued:
-                                phase = "queued"
-                                stall.move(None)  # waiting for the model is bounded by the deadline
-                            else:
-                                if phase == "queued":
-                                    phase = "before_first_token"
-                                # Reasoning is output too; any other event before the first
-                                # token restarts the wait for it.
-                                wait = options.idle_timeout if tokens else options.first_token_timeout
-                                stall.move(loop.time() + wait)
-                            await emit(event)  # type: ignore[arg-type]
-                if terminal is None:
+                            metrics.time_to_first_token.observe(now - generation.started)
+                            phase = "mid_stream"
+                        last_token_at = now
+                        stall.move(now + options.idle_timeout)
+                        tokens += 1
+                        seq += 1
+                        last_data = encode_token_event(seq, event.text)  # type: ignore[union-attr]
+                        if await store.append(stream_id, seq, last_data):
+                            self._stop(generation, CANCELLED_ELSEWHERE)
+                        confirmed = seq
+                        if stop.reason is not None:
+                            raise asyncio.CancelledError
+                    elif kind is Finish:
+                        terminal = Done(event.finish_reason, event.usage or usage_so_far())  # type: ignore[union-attr]
+                        break
+                    elif kind is UsageUpdate:
+                        reported = event.usage  # type: ignore[union-attr]
+                    else:
+                        if kind is Queued:
+                            phase = "queued"
+                            stall.move(None)  # waiting for the model is bounded by the deadline
+                        else:
+                            if phase == "queued":
+                                phase = "before_first_token"
+                            # Reasoning is output too; any other event before the first
+                            # token restarts the wait for it.
+                            wait = options.idle_timeout if tokens else options.first_token_timeout
+                            stall.move(loop.time() + wait)
+                        await emit(event)  # type: ignore[arg-type]
+                if terminal is None and stop.reason is None:
                     terminal = Error("upstream_error", "the model ended the stream without finishing it", True)
-            except TimeoutError:
-                if not deadline.expired():
-                    raise
-                terminal = Done("timeout", usage_so_far())
-            except asyncio.CancelledError:
-                if not stall.expired:
-                    raise
-                _uncancel()
-                limit, what = (
-                    (options.idle_timeout, "between two tokens")
-                    if tokens
-                    else (options.first_token_timeout, "before the first token")
-                )
-                terminal = Error("upstream_timeout", f"the model sent nothing for {limit:g} s {what}", True)
             finally:
+                deadline.cancel()
                 stall.close()
                 await stream.aclose()  # type: ignore[attr-defined]
         except asyncio.CancelledError:
             _uncancel()
-            terminal = Done("cancelled", usage_so_far())
         except ProviderError as exc:
-            terminal = Error(exc.error_type, exc.message, exc.retryable)
+            # After a stop, an error is what the abort did to the upstream: the stop says why.
+            if stop.reason is None:
+                terminal = Error(exc.error_type, exc.message, exc.retryable)
+        except StoreUnavailable:
+            stop.stop("the store is unavailable")
+            terminal = Error(
+                "store_unavailable",
+                f"the stream store was unreachable for longer than {store.outage_timeout:g} s; retry shortly",
+                retryable=True,
+            )
+        except (StreamNotFound, StreamEnded) as exc:
+            # Another wrote its terminal event (this replica's lease had lapsed), or the log expired.
+            stop.stop("the stream ended in the store")
+            write_terminal = False
+            terminal = REPLICA_LOST
+            logger.warning("stream_id=%s stopped: %s in the store", stream_id, type(exc).__name__)
         except Exception:
             logger.exception("generation %s failed", stream_id)
             terminal = Error("internal_error", "the generation failed inside tokenwire; see the server log")
@@ -424,11 +473,29 @@ class Relay:
             if generation.grace_timer is not None:
                 generation.grace_timer.cancel()
             if terminal is None:
-                terminal = Done("cancelled", usage_so_far())
-            await emit(terminal)
-            metrics.active_streams -= 1
+                terminal = _terminal_for(stop.reason, tokens, usage_so_far(), options)
+            if write_terminal:
+                await self._write_terminal(stream_id, seq, confirmed, last_data, terminal)
             self._count_outcome(terminal, phase)
             self._log_stream(meta, terminal, tokens, generation)
+
+    async def _write_terminal(
+        self, stream_id: str, seq: int, confirmed: int, last_data: bytes, terminal: StreamEvent
+    ) -> None:
+        """Append the terminal event; never raises (the generation is over either way)."""
+        store = self.store
+        try:
+            if confirmed < seq:
+                # A cancel interrupted that append: it may not have landed.  Again, idempotently.
+                with contextlib.suppress(StoreUnavailable):  # it is buffered: the store writes it later
+                    await store.append(stream_id, seq, last_data)
+            await store.append(stream_id, seq + 1, encode_event(seq + 1, terminal), terminal=True)
+        except (StreamNotFound, StreamEnded):
+            pass  # expired, or ended by a reader that found this replica's lease lapsed
+        except StoreUnavailable:
+            logger.warning("stream_id=%s: the store is unavailable; its readers end it themselves", stream_id)
+        except Exception:
+            logger.exception("cannot write the terminal event of %s", stream_id)
 
     def _count_outcome(self, terminal: StreamEvent, phase: str) -> None:
         metrics = self.metrics
@@ -464,22 +531,37 @@ def _uncancel() -> None:
         task.uncancel()
 
 
+def _terminal_for(reason: str | None, tokens: int, usage: Usage, options: RelayOptions) -> StreamEvent:
+    """The terminal event of a generation that was stopped for ``reason``."""
+    if reason == DEADLINE:
+        return Done("timeout", usage)
+    if reason == STALLED:
+        limit, what = (
+            (options.idle_timeout, "between two tokens") if tokens else (options.first_token_timeout, "before the first token")
+        )
+        return Error("upstream_timeout", f"the model sent nothing for {limit:g} s {what}", True)
+    return Done("cancelled", usage)
+
+
+def _encode_replica_lost(seq: int) -> bytes:
+    return encode_event(seq, REPLICA_LOST)
+
+
 class _StallWatch:
     """A deadline that the token path moves by writing a float.
 
     Its single timer is re-armed lazily, when it fires early, instead of once per
     token (``asyncio.Timeout.reschedule`` pushes a timer onto the heap each time).
-    When it expires it cancels the generation task and says so in ``expired``.
+    When it expires it calls ``on_expiry`` (which stops the generation).
     """
 
-    __slots__ = ("deadline", "expired", "_loop", "_task", "_handle", "_armed_at")
+    __slots__ = ("deadline", "_loop", "_on_expiry", "_handle", "_armed_at")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, on_expiry: Callable[[], None]) -> None:
         self._loop = loop
-        self._task = asyncio.current_task()
+        self._on_expiry = on_expiry
         self._handle: asyncio.TimerHandle | None = None
         self._armed_at = 0.0
-        self.expired = False
         self.deadline: float | None = None
         self.move(loop.time() + timeout)
 
@@ -502,9 +584,7 @@ class _StallWatch:
         if deadline is None:
             return
         if self._loop.time() >= deadline:
-            self.expired = True
-            assert self._task is not None
-            self._task.cancel("the upstream stalled")
+            self._on_expiry()
         else:
             self._arm(deadline)
 

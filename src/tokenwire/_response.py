@@ -14,11 +14,17 @@ Two tasks, the first to finish cancels the other (the shape of Starlette's
 
 When the client is gone the relay decides what happens to the generation
 (cancelled at once, or after the resume grace period).
+
+A shared store that becomes unreachable (or loses the stream, restarted without
+persistence, until its writer restores it) is ridden out for the store's
+``outage_timeout``, with heartbeats to the client; then the response ends with a
+typed, retryable ``store_unavailable`` error event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -29,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.responses import JSONResponse
 
 from ._sse import KEEPALIVE, encode_retry
-from .stores.base import LogTrimmed, ReadResult, StreamNotFound
+from .stores.base import CursorAhead, LogTrimmed, ReadResult, StoreUnavailable, StreamNotFound
 
 if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
@@ -79,22 +85,24 @@ class EventStreamResponse:
         self.pending_since: float | None = None  # loop time a write began, while it is pending
         self.writer: asyncio.Task[object] | None = None
         self.dropped = False
+        self.closing = False  # the sender is being stopped: it checks this after every read
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._loop_time = asyncio.get_running_loop().time
         relay = self.relay
         stream_id = self.meta.stream_id
         try:
-            # Read what is already there before answering, so that an expired
-            # stream or a cursor older than the bounded log gets a JSON error.
+            # Read what is already there before answering, so that an expired stream, a
+            # cursor older than the bounded log or past its end gets a JSON error.
             backlog = await relay.store.read(stream_id, self.after, timeout=0)
-        except (LogTrimmed, StreamNotFound) as exc:
+        except (LogTrimmed, StreamNotFound, CursorAhead, StoreUnavailable) as exc:
             await _json_error(exc)(scope, receive, send)
             return
         headers = [*SSE_HEADERS, (b"x-stream-id", stream_id.encode()), *self.headers]
         relay.attach(stream_id)
         relay.watch_writes(self)
         client_gone = True
+        detached = False
         self.writer = asyncio.current_task()
         try:
             await self._send(send, {"type": "http.response.start", "status": 200, "headers": headers})
@@ -109,9 +117,15 @@ class EventStreamResponse:
             watcher = asyncio.create_task(_wait_for_disconnect(receive), name="disconnect watcher")
             try:
                 await asyncio.wait((sender, watcher), return_when=asyncio.FIRST_COMPLETED)
+                if not _finished(sender):
+                    # Gone: tell the relay now, not once the sender has stopped, which a
+                    # store read that swallowed its cancellation could delay (see _stop).
+                    detached = True
+                    relay.detach(stream_id, client_gone=True)
             finally:
+                self.closing = True
                 await _stop(relay, sender, watcher)
-            if sender.done() and not sender.cancelled() and sender.exception() is None:
+            if _finished(sender):
                 client_gone = False
                 self.writer = asyncio.current_task()
                 await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
@@ -122,9 +136,12 @@ class EventStreamResponse:
             # is no reference cycle, and all of it is freed now, not by a full GC pass later.
             self.writer = None
             relay.unwatch_writes(self)
-            relay.detach(stream_id, client_gone=client_gone)
+            if not detached:
+                relay.detach(stream_id, client_gone=client_gone)
             if self.meta.resumable:
-                await relay.store.drop_reader(stream_id, self.reader_id)
+                # The lease lapses by itself if the store cannot be told now.
+                with contextlib.suppress(StoreUnavailable):
+                    await relay.store.drop_reader(stream_id, self.reader_id)
 
     async def _pump(self, send: Send, backlog: ReadResult, *, follow: bool = False) -> None:
         """Write the log from the cursor until its terminal event has been sent.
@@ -150,7 +167,8 @@ class EventStreamResponse:
         result = backlog
         while True:
             if lease and now >= next_touch:
-                await store.touch_reader(stream_id, self.reader_id, lease)
+                with contextlib.suppress(StoreUnavailable):  # renewed again once it is back
+                    await store.touch_reader(stream_id, self.reader_id, lease)
                 next_touch = now + lease / 3
             if result.entries:
                 entries = result.entries
@@ -188,10 +206,45 @@ class EventStreamResponse:
                     wait = 0.0  # catch up with what was appended since
             try:
                 result = await store.read(stream_id, after, timeout=max(wait, 0.0))
-            except (LogTrimmed, StreamNotFound) as exc:
+                if self.closing:  # cancelled, but the read swallowed it (level-triggered, as the relay's stop)
+                    raise asyncio.CancelledError
+            except (StoreUnavailable, StreamNotFound) as exc:
+                if isinstance(exc, StreamNotFound) and not (after and store.outage_timeout):
+                    await self._send(send, _body(_error_event(exc)))
+                    return
+                ridden_out, last_write = await self._ride_out(send, after, last_write)
+                if ridden_out is None:
+                    return
+                result = ridden_out
+            except (LogTrimmed, CursorAhead) as exc:
                 await self._send(send, _body(_error_event(exc)))
                 return
             now = loop.time()
+
+    async def _ride_out(self, send: Send, after: int, last_write: float) -> tuple[ReadResult | None, float]:
+        """Read again until the store answers, with heartbeats; ``(None, …)`` once it is given up.
+
+        The store is unreachable, or the stream vanished from it mid-read (a store
+        restarted without persistence, until the stream's writer restores it).
+        """
+        store = self.relay.store
+        heartbeat = self.relay.options.heartbeat
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + store.outage_timeout
+        delay = 0.05
+        while (now := loop.time()) < give_up:
+            if now - last_write >= heartbeat:
+                await self._send(send, _body(KEEPALIVE))
+                last_write = loop.time()
+            await asyncio.sleep(min(delay, give_up - now))
+            delay = min(delay * 2, 0.5)
+            try:
+                return await store.read(self.meta.stream_id, after, timeout=0), last_write
+            except (StoreUnavailable, StreamNotFound):
+                continue
+        logger.warning("stream_id=%s: the store stayed unavailable; ending the response", self.meta.stream_id)
+        await self._send(send, _body(_error_event(StoreUnavailable())))
+        return None, last_write
 
     async def _send(self, send: Send, message: dict) -> None:
         await self._complete(send(message), len(message.get("body", b"")), since=self._loop_time())
@@ -333,22 +386,36 @@ def _body(data: bytes) -> dict:
 
 
 def _error_event(exc: Exception) -> bytes:
+    """The terminal event of a reader that cannot go on (not in the log: it has no id)."""
+    error_type, retryable = "internal_error", False
     if isinstance(exc, LogTrimmed):
         message = f"this reader fell behind the stream's bounded log (oldest kept event: {exc.first_available})"
+    elif isinstance(exc, CursorAhead):
+        message = f"the stream has no event after {exc.last_seq}, its last"
+    elif isinstance(exc, StoreUnavailable):
+        error_type, retryable = "store_unavailable", True
+        message = "the stream store stayed unreachable, or lost this stream; resume or start it again shortly"
     else:
         message = "the stream expired while it was being read"
-    body = {"type": "error", "error": {"type": "internal_error", "message": message, "retryable": False}}
+    body = {"type": "error", "error": {"type": error_type, "message": message, "retryable": retryable}}
     return b"data: %s\n\n" % json.dumps(body, separators=(",", ":")).encode()
+
+
+def _finished(sender: asyncio.Task[None]) -> bool:
+    """The sender wrote the whole stream (not cancelled, no error)."""
+    return sender.done() and not sender.cancelled() and sender.exception() is None
 
 
 async def _stop(relay: Relay, *tasks: asyncio.Task[None]) -> None:
     """Cancel the sender and the watcher, and wait for them, but not forever.
 
     Under load, a Redis read cancelled as its reply arrives was seen to stay
-    pending for seconds (redis-py 8.1, uvloop); waiting for it kept the
-    response from noticing its client had left, so a dropped stream outlived
-    its grace period.  A task that has not stopped after ``STOP_TIMEOUT`` is
-    handed to the relay, which cancels it again at shutdown.
+    pending for seconds (redis-py 8.1, uvloop): Python 3.11's ``asyncio.wait_for``
+    inside redis-py swallows a cancellation that lands as its inner future
+    completes (python/cpython#86296), and the sender went on to its next read.
+    The sender now checks ``closing`` after every read, and the relay hears of a
+    departed client before this wait; still, a task that has not stopped after
+    ``STOP_TIMEOUT`` is handed to the relay, which cancels it again at shutdown.
     """
     for task in tasks:
         task.cancel()
@@ -369,6 +436,16 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 
 
 def _json_error(exc: Exception) -> JSONResponse:
+    if isinstance(exc, StoreUnavailable):
+        return store_unavailable_response()
+    if isinstance(exc, CursorAhead):
+        message = (
+            f"Last-Event-ID is past the end of this stream: its last event id is {exc.last_seq}; "
+            f"resume from {exc.last_seq} or earlier"
+        )
+        return JSONResponse(
+            {"error": {"type": "invalid_request", "message": message, "param": "Last-Event-ID"}}, 400
+        )
     if isinstance(exc, LogTrimmed):
         message = (
             f"the events after that cursor are no longer kept (the oldest kept is {exc.first_available}); "
@@ -377,3 +454,11 @@ def _json_error(exc: Exception) -> JSONResponse:
         return JSONResponse({"error": {"type": "gone", "message": message, "param": "Last-Event-ID"}}, 410)
     message = "no such stream: it never existed, expired, or is not yours"
     return JSONResponse({"error": {"type": "not_found", "message": message, "param": "stream_id"}}, 404)
+
+
+def store_unavailable_response() -> JSONResponse:
+    """503 while the shared store cannot be reached: a load balancer or client retries shortly."""
+    message = "the stream store is unreachable right now; retry shortly"
+    return JSONResponse(
+        {"error": {"type": "store_unavailable", "message": message}}, 503, headers={"retry-after": "1"}
+    )

@@ -20,9 +20,10 @@ import abc
 import asyncio
 import contextlib
 import json
+import socket as socket_module
 import ssl
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -39,7 +40,7 @@ from ._upstream import (
     UpstreamPool,
     request_head,
 )
-from .base import Provider
+from .base import Provider, on_stop
 
 MAX_MESSAGE = 500  # characters of an upstream message we pass on
 
@@ -230,6 +231,7 @@ class HTTPProvider(Provider):
                 "upstream_error", f"the request to the upstream failed ({describe(exc)})", retryable=True
             ) from None
         finally:
+            socket.forget()
             await socket.close_unless_answered()
         yield parser.end()
 
@@ -301,10 +303,19 @@ class _NewSocket:
     def __init__(self) -> None:
         self.stream: Any = None
         self.answered = False
+        self.forget: Callable[[], None] = lambda: None
 
     async def trace(self, event: str, info: dict[str, Any]) -> None:
         if event == "connection.connect_tcp.complete":
             self.stream = info.get("return_value")
+            # A stopped generation shuts the socket down at once, whatever httpx awaits then.
+            self.forget = on_stop(self.shutdown)
+
+    def shutdown(self) -> None:
+        sock = self.stream.get_extra_info("socket") if self.stream is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket_module.SHUT_RDWR)
 
     async def close_unless_answered(self) -> None:
         if self.stream is not None and not self.answered:

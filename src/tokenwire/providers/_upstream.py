@@ -37,6 +37,7 @@ import httptools
 from .._events import ProviderEvent
 from .._exceptions import ProviderError
 from .._sse import SSEDecoder
+from .base import on_stop
 
 if TYPE_CHECKING:
     from ._http import SSEParser
@@ -279,11 +280,16 @@ class UpstreamPool:
         made, and ProviderError for a broken answer.
         """
         connection = await self._send(target, head + body, parser)
+        # The relay aborts the socket itself when the generation stops, whatever
+        # this task awaits then (see providers.base.StopSignal).
+        forget = on_stop(connection.abort)
         try:
             while not connection.status and connection.failure is None:
                 if connection.lost and connection.reused and not connection.received:
                     # A pooled connection the upstream closed as we sent: once more on a new one.
+                    forget()
                     connection = await self._send(target, head + body, parser, reuse=False)
+                    forget = on_stop(connection.abort)
                 elif connection.lost:
                     raise ProviderError(
                         "upstream_error",
@@ -318,6 +324,7 @@ class UpstreamPool:
                     retryable=True,
                 )
         finally:
+            forget()
             self._release(target, connection)
 
     async def _send(

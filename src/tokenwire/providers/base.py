@@ -6,16 +6,96 @@ raises :class:`~tokenwire.ProviderError`.  The relay owns the iteration in a
 task of its own; cancelling that task (or ``aclose()`` on the iterator) must stop
 the work behind it at once: close the upstream socket, stop the local model.
 Nothing here knows about HTTP responses.
+
+A cancellation alone is not enough: it travels as a ``CancelledError`` through
+whatever the task awaits, and library code may swallow it (``asyncio.wait_for``
+on Python 3.11 does when the inner future completes as the cancel lands,
+python/cpython#86296).  So a stop is level-triggered too: the relay runs each
+generation under a :class:`StopSignal`, and a provider registers with
+:func:`on_stop` what stops its work synchronously (abort the socket, set the
+model's abort flag); the relay fires it itself, whatever the task awaits.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import contextvars
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._events import ProviderEvent
+
+logger = logging.getLogger("tokenwire")
+
+
+class StopSignal:
+    """The level-triggered stop of one generation: a reason once stopped, and what to run then.
+
+    ``stop()`` is synchronous and runs every registered callback at once, in the
+    caller's frame: a socket is aborted, a model's abort flag set, before any
+    task has even been woken.  A callback registered after the stop runs at once.
+    """
+
+    __slots__ = ("reason", "_callbacks")
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._callbacks: list[Callable[[], None]] = []
+
+    def stop(self, reason: str) -> bool:
+        """Stop (the first reason wins); whether this call was the one that stopped it."""
+        if self.reason is not None:
+            return False
+        self.reason = reason
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            _run_callback(callback)
+        return True
+
+    def on_stop(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Run ``callback`` when stopped (now, if stopped already); returns what unregisters it."""
+        if self.reason is not None:
+            _run_callback(callback)
+            return _nothing
+        self._callbacks.append(callback)
+
+        def remove() -> None:
+            try:
+                self._callbacks.remove(callback)
+            except ValueError:
+                pass
+
+        return remove
+
+
+def _run_callback(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:  # one broken callback must not keep the others from stopping their work
+        logger.exception("a stop callback failed")
+
+
+def _nothing() -> None:
+    pass
+
+
+#: The stop signal of the generation the current task runs (set by the relay).
+current_stop: contextvars.ContextVar[StopSignal | None] = contextvars.ContextVar("tokenwire_stop", default=None)
+
+
+def on_stop(callback: Callable[[], None]) -> Callable[[], None]:
+    """Register ``callback`` on the current generation's stop signal, if there is one.
+
+    For providers: call it once the thing to stop exists (a connected socket,
+    a queued job), and call what it returns once that thing is finished with.
+    Outside a relay's generation it does nothing.
+    """
+    signal = current_stop.get()
+    if signal is None:
+        return _nothing
+    return signal.on_stop(callback)
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from .._events import Finish, ProviderEvent, Queued, Token, Usage
 from .._exceptions import ConfigError, ProviderError
-from .base import GenerationRequest, Provider
+from .base import GenerationRequest, Provider, on_stop
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -104,7 +104,11 @@ class LocalStats:
     busy: bool = False  # a job is running now
 
 
-_Item = Union[ProviderEvent, ProviderError]
+_Item = Union[ProviderEvent, ProviderError, object]  # object: _STOPPED
+
+
+#: Put into a job's queue when the relay stops the generation: the stream ends there.
+_STOPPED = object()
 
 
 class _Job:
@@ -280,9 +284,18 @@ class LocalProvider(Provider):
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
         job = self._submit(request)
+
+        def stop_now() -> None:
+            self._withdraw(job)
+            job.events.put_nowait(_STOPPED)  # wakes this consumer, whatever its task is doing
+
+        # The relay withdraws the job itself when the generation stops (see providers.base.StopSignal).
+        forget = on_stop(stop_now)
         try:
             while True:
                 item = await job.events.get()
+                if item is _STOPPED:
+                    return
                 if isinstance(item, ProviderError):
                     raise item
                 yield item
@@ -290,6 +303,7 @@ class LocalProvider(Provider):
                     return
         finally:
             # Synchronous on purpose: nothing here can be cancelled a second time.
+            forget()
             self._withdraw(job)
 
     def _submit(self, request: GenerationRequest) -> _Job:

@@ -27,6 +27,22 @@ class StreamNotFound(LookupError):
     """No such stream, or it expired."""
 
 
+class StreamEnded(LookupError):
+    """The stream already has its terminal event (written by another, e.g. when its writer was lost)."""
+
+
+class CursorAhead(LookupError):
+    """The cursor is past the stream's last event."""
+
+    def __init__(self, last_seq: int) -> None:
+        super().__init__(f"the stream's last event is {last_seq}")
+        self.last_seq = last_seq
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached now (Redis down or unreachable); try again shortly."""
+
+
 class LogTrimmed(LookupError):
     """The events asked for are older than what the bounded log still holds."""
 
@@ -70,10 +86,24 @@ CancelCallback = Callable[[str], Awaitable[None] | None]
 Follower = Callable[[bytes, bool], bool]
 
 
+#: ``lost_writer_event(seq)``: the encoded terminal event numbered ``seq`` that a
+#: store appends to a stream whose writer is gone (see StreamStore.lost_writer_event).
+LostWriterEvent = Callable[[int], bytes]
+
+
 class StreamStore(abc.ABC):
-    """The interface every store implements; one contract test suite covers them all."""
+    """The interface every store implements; one contract test suite covers them all.
+
+    Errors: :class:`StoreUnavailable` from any method while a shared store cannot be
+    reached; a store that rides out outages says for how long in ``outage_timeout``.
+    """
 
     limits: LogLimits
+    #: Seconds readers and writers wait for an unreachable store before giving up (0: never unreachable).
+    outage_timeout: float = 0.0
+    #: Set by the relay: how the store encodes the terminal event it appends, once and atomically,
+    #: to a stream whose writer it finds gone (a shared store; the memory store's writer cannot be).
+    lost_writer_event: LostWriterEvent | None = None
 
     @abc.abstractmethod
     async def create(self, meta: StreamMeta) -> None: ...
@@ -86,15 +116,22 @@ class StreamStore(abc.ABC):
     async def get_meta(self, stream_id: str) -> StreamMeta | None: ...
 
     @abc.abstractmethod
-    async def append(self, stream_id: str, seq: int, data: bytes, *, terminal: bool = False) -> None:
-        """Add the event numbered ``seq`` (1, 2, 3 … without gaps)."""
+    async def append(self, stream_id: str, seq: int, data: bytes, *, terminal: bool = False) -> bool | None:
+        """Add the event numbered ``seq`` (1, 2, 3 … without gaps).
+
+        Appending the last event again is a no-op (a retry of an append that may have
+        landed).  Returns True when a stop of the stream was requested through the
+        store (a cancel that another replica received), so that the writer stops even
+        if the signal itself was lost.  Raises :class:`StreamNotFound`,
+        :class:`StreamEnded` (another wrote its terminal event) or :class:`StoreUnavailable`.
+        """
 
     @abc.abstractmethod
     async def read(self, stream_id: str, after: int, *, timeout: float) -> ReadResult:
         """Events with seq > ``after``; waits up to ``timeout`` s for the first one.
 
-        ``timeout=0`` never waits.  Returns an empty result on timeout.  Raises :class:`StreamNotFound` or
-        :class:`LogTrimmed`.
+        ``timeout=0`` never waits.  Returns an empty result on timeout.  Raises :class:`StreamNotFound`,
+        :class:`LogTrimmed` or :class:`CursorAhead`.
         """
 
     @abc.abstractmethod
@@ -144,6 +181,9 @@ class StreamStore(abc.ABC):
 
     def unfollow(self, stream_id: str, follower: Follower) -> None:
         """Stop handing events to ``follower`` (if it is still following)."""
+
+    async def check(self) -> None:
+        """Raise :class:`StoreUnavailable` if the store cannot be used now (for health checks)."""
 
     async def startup(self) -> None:
         """Connect, start background work."""
