@@ -20,9 +20,19 @@ import pytest
 
 from redis_server import redis_url_fixture
 from tokenwire import ConfigError
-from tokenwire.stores.base import LogLimits, LogTrimmed, ReadResult, StreamMeta, StreamNotFound, StreamStore
+from tokenwire.stores.base import (
+    CursorAhead,
+    LogLimits,
+    LogTrimmed,
+    ReadResult,
+    StreamEnded,
+    StreamMeta,
+    StreamNotFound,
+    StreamStore,
+    cancel_and_wait,
+)
 from tokenwire.stores.memory import MemoryStore
-from tokenwire.stores.redis import RedisStore
+from tokenwire.stores.redis import MAX_BLOCK, RedisStore
 
 redis_url = redis_url_fixture()
 
@@ -604,3 +614,121 @@ def test_a_store_started_again_after_aclose_expires_its_finished_logs() -> None:
             await eventually(gone, within=3)
 
     run(main)
+
+
+# -- issue 12: cursors past the end, idempotent appends, lost writers ---------
+
+
+def test_a_cursor_past_the_end_is_refused_with_the_last_seq(backend: Backend) -> None:
+    async def main() -> None:
+        async with opened(backend.new()) as store:
+            running, finished = new_meta(), new_meta()
+            for meta in (running, finished):
+                await store.create(meta)
+            await append_events(store, running.stream_id, range(1, 4))
+            await append_events(store, finished.stream_id, range(1, 4), end=3)
+            for meta in (running, finished):
+                for timeout in (0, 0.2):  # a live stream must not wait for events that may never come
+                    with pytest.raises(CursorAhead) as caught:
+                        await store.read(meta.stream_id, 4, timeout=timeout)
+                    assert caught.value.last_seq == 3
+            assert await store.read(running.stream_id, 3, timeout=0) == ReadResult([], 3, False)
+
+    run(main)
+
+
+def test_appending_the_last_event_again_changes_nothing(backend: Backend) -> None:
+    async def main() -> None:
+        async with opened(backend.new()) as store:
+            meta = new_meta()
+            await store.create(meta)
+            await append_events(store, meta.stream_id, range(1, 3))
+            await store.append(meta.stream_id, 2, event(2))  # a retry of an append that may not have landed
+            await store.append(meta.stream_id, 3, event(3), terminal=True)
+            assert await store.read(meta.stream_id, 0, timeout=0) == ReadResult(
+                [event(1), event(2), event(3)], 3, True
+            )
+            with pytest.raises(StreamEnded):
+                await store.append(meta.stream_id, 4, event(4))
+
+    run(main)
+
+
+def lost(seq: int) -> bytes:
+    return b'id: %d\ndata: {"type":"error","error":{"type":"replica_lost"}}\n\n' % seq
+
+
+async def kill(store: RedisStore) -> None:
+    """What SIGKILL does to a replica, as far as Redis can tell: its lease is no longer renewed."""
+    await cancel_and_wait(store._keeper)
+    store._keeper = None
+    await store._control.delete(store._lease_prefix + store.replica_id)
+
+
+def test_a_reader_ends_a_stream_whose_writer_is_gone_once(redis_url: str) -> None:
+    async def main() -> None:
+        writer = RedisBackend(redis_url).new()
+        assert isinstance(writer, RedisStore)
+        readers = [RedisBackend(redis_url).replica(writer) for _ in range(2)]
+        async with opened(writer), opened(readers[0]), opened(readers[1]):
+            for reader in readers:
+                reader.lost_writer_event = lost
+            meta = new_meta(resumable=True)
+            await writer.create(meta)
+            await append_events(writer, meta.stream_id, range(1, 3))
+            # A live writer: a caught-up reader waits, and nothing is appended.
+            assert await readers[0].read(meta.stream_id, 2, timeout=0.3) == ReadResult([], 2, False)
+            # Readers blocked on the stream when the writer dies, on two replicas at once.
+            waiting = [asyncio.create_task(reader.read(meta.stream_id, 2, timeout=30)) for reader in readers]
+            await asyncio.sleep(0.05)
+            died_at = time.monotonic()
+            await kill(writer)
+            results = await asyncio.gather(*waiting)
+            assert time.monotonic() - died_at < 1.0 + 0.5  # the keeper's check interval, with room
+            assert [result.entries for result in results] == [[lost(3)], [lost(3)]]  # appended once
+            assert all(result.ended for result in results)
+            # A resume from the start gets the whole log, the terminal event last.
+            assert await readers[1].read(meta.stream_id, 0, timeout=0) == ReadResult(
+                [event(1), event(2), lost(3)], 3, True
+            )
+            # The writer, were it only partitioned away, learns that its stream ended.
+            with pytest.raises(StreamEnded):
+                await writer.append(meta.stream_id, 3, event(3))
+
+    run(main)
+
+
+def test_a_resume_after_the_writers_lease_expired_ends_the_stream_at_once(redis_url: str) -> None:
+    async def main() -> None:
+        writer = RedisBackend(redis_url).new()
+        assert isinstance(writer, RedisStore)
+        reader = RedisBackend(redis_url).replica(writer)
+        async with opened(writer), opened(reader):
+            reader.lost_writer_event = lost
+            meta = new_meta()
+            await writer.create(meta)
+            await append_events(writer, meta.stream_id, range(1, 4))
+            await kill(writer)
+            # A first read (the script, not a blocking read) finds the lease gone.
+            assert await reader.read(meta.stream_id, 3, timeout=0) == ReadResult([lost(4)], 4, True)
+
+    run(main)
+
+
+def test_a_blocking_read_outlasts_redis_pys_default_socket_timeout(redis_url: str) -> None:
+    """redis-py 8 gives a connection a 5 s socket timeout unless told otherwise: a longer block failed."""
+
+    async def main() -> None:
+        store = RedisBackend(redis_url).new()
+        assert isinstance(store, RedisStore)
+        async with opened(store):
+            meta = new_meta()
+            await store.create(meta)
+            await append_events(store, meta.stream_id, range(1, 2))
+            await store.read(meta.stream_id, 0, timeout=0)  # the next read of the cursor blocks at once
+            started = time.monotonic()
+            assert await store.read(meta.stream_id, 1, timeout=7) == ReadResult([], 1, False)
+            assert time.monotonic() - started >= 7 - 0.1
+            assert store._blocking_pool.connection_kwargs["socket_timeout"] > MAX_BLOCK  # never shorter than a block
+
+    run(main, deadline=40)

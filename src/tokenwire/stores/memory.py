@@ -90,7 +90,7 @@ class MemoryStore(StreamStore):
         log = self._logs.get(stream_id)
         if log is None:
             raise StreamNotFound(stream_id)
-        if seq == log.last_seq:
+        if seq == log.last_seq and (terminal or not log.ended):
             return  # a retry of an append that landed
         if log.ended:
             raise StreamEnded(stream_id)

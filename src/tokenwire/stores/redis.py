@@ -122,8 +122,11 @@ local m = redis.call('HMGET', KEYS[1], 'last', 'first', 'nbytes', 'ended', 'canc
 if not m[1] then return redis.error_reply('NOSTREAM no such stream (expired?)') end
 local cancel = m[5] == '1' and 2 or 0
 local seq, last = tonumber(ARGV[1]), tonumber(m[1])
-if seq == last then return cancel end -- a retry of an append that landed
-if m[4] == '1' then return redis.error_reply('ENDED the stream already has its terminal event') end
+local ended = m[4] == '1'
+-- A retry of an append that landed; but a non-terminal event where a terminal one stands was
+-- not ours: a reader ended the stream (its writer's lease had expired) as it was being sent.
+if seq == last and not (ended and ARGV[3] ~= '1') then return cancel end
+if ended then return redis.error_reply('ENDED the stream already has its terminal event') end
 if seq ~= last + 1 then return redis.error_reply('BADSEQ seq ' .. ARGV[1] .. ' after ' .. m[1]) end
 local terminal = ARGV[3] == '1'
 if terminal then
