@@ -12,7 +12,7 @@ from ._exceptions import (
     TokenwireError,
     TokenwireHTTPError,
 )
-from ._relay import Relay, RelayOptions
+from ._relay import AdmissionRefused, Relay, RelayOptions
 from ._response import EventStreamResponse
 from ._sse import ServerSentEvent, SSEDecoder
 from .providers.base import GenerationRequest, Provider
@@ -21,6 +21,7 @@ from .providers.scripted import ScriptedProvider
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdmissionRefused",
     "ClientError",
     "ConfigError",
     "Done",

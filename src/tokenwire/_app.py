@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from ._auth import KeyRing
 from ._config import Settings
-from ._relay import IdempotencyConflict, Relay, fingerprint_of
+from ._relay import AdmissionRefused, IdempotencyConflict, Relay, fingerprint_of
 from ._response import SERVER_SEND, EventStreamResponse, store_unavailable_response
 from ._validation import RequestError, invalid, parse_stream_request
 from .providers.base import Provider
@@ -118,21 +118,28 @@ def create_app(
     async def post_stream(request: Request) -> Response:
         try:
             principal = principal_of(request)
-            if relay.active_streams >= settings.max_streams:
-                return refuse(
-                    RequestError(503, "overloaded", "the server is at its stream limit; retry shortly"),
-                    {"retry-after": "1"},
+            # Before the body: a request counts toward the caps while its body arrives, and
+            # concurrent requests cannot all pass the check before any of them reserves.
+            slot = await relay.reserve(
+                principal,
+                max_streams=settings.max_streams,
+                max_per_key=settings.max_streams_per_key if keys is not None else None,
+            )
+        except RequestError as exc:
+            return refuse(exc)
+        except StoreUnavailable:
+            return unavailable()
+        except AdmissionRefused as exc:
+            if exc.scope == "server":
+                error = RequestError(503, "overloaded", "the server is at its stream limit; retry shortly")
+            else:
+                error = RequestError(
+                    429,
+                    "rate_limited",
+                    f"this key already has {exc.limit} streams running; wait for one to end or cancel one",
                 )
-            if keys is not None and relay.active_streams_of(principal) >= settings.max_streams_per_key:
-                return refuse(
-                    RequestError(
-                        429,
-                        "rate_limited",
-                        f"this key already has {settings.max_streams_per_key} streams running; "
-                        "wait for one to end or cancel one",
-                    ),
-                    {"retry-after": "1"},
-                )
+            return refuse(error, {"retry-after": "1"})
+        try:
             body = await read_json_body(request, settings.max_body)
             parsed = parse_stream_request(body)
             model = parsed.generation.model
@@ -142,15 +149,20 @@ def create_app(
             key = request.headers.get("idempotency-key")
             if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
                 raise invalid(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", "Idempotency-Key")
-            meta, _created = await relay.start(
+        except BaseException as exc:  # a bad request, or a client gone while sending its body
+            relay.release(slot)
+            if isinstance(exc, RequestError):
+                return refuse(exc)
+            raise
+        try:
+            meta, _created = await relay.start(  # the slot is the generation's, or given back, from here on
                 parsed.generation,
                 principal=principal,
                 resumable=parsed.resumable,
                 idempotency_key=key,
                 fingerprint=fingerprint_of(body) if key is not None else None,
+                slot=slot,
             )
-        except RequestError as exc:
-            return refuse(exc)
         except StoreUnavailable:
             return unavailable()
         except IdempotencyConflict:

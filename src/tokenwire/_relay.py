@@ -71,6 +71,24 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body."""
 
 
+class AdmissionRefused(Exception):
+    """A stream cap is reached: ``scope`` is ``"server"`` (--max-streams) or ``"key"`` (per key)."""
+
+    def __init__(self, scope: str, limit: int) -> None:
+        super().__init__(f"the {scope} stream cap ({limit}) is reached")
+        self.scope = scope
+        self.limit = limit
+
+
+@dataclass(slots=True, eq=False)
+class Slot:
+    """A reserved place under the stream caps, held from admission to the generation's end."""
+
+    principal: str
+    shared: bool = False  # also counted in the store, across replicas
+    released: bool = False
+
+
 # Why a generation stopped (StopSignal.reason) when it is not a cancel.
 DEADLINE = "the generation reached its deadline"
 STALLED = "the upstream stalled"
@@ -89,6 +107,7 @@ class _Generation:
     """What this process knows of a stream it runs."""
 
     meta: StreamMeta
+    slot: Slot
     task: asyncio.Task[None] | None = None
     # A task cancelled before its first step never runs its body (no finally,
     # so no terminal event): until it runs, a stop is only the flag it checks.
@@ -128,7 +147,8 @@ class Relay:
         self.options = options or RelayOptions()
         self._running: dict[str, _Generation] = {}
         self._housekeeping: set[asyncio.Task[None]] = set()
-        self._per_principal: dict[str, int] = {}
+        self._reserved = 0  # slots held: streams running, and requests admitted that have not started yet
+        self._per_principal: dict[str, int] = {}  # the same, by principal
         self._writers: set[EventStreamResponse] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.metrics = Metrics(active_streams=self._running.__len__)
@@ -206,7 +226,61 @@ class Relay:
         return len(self._running)
 
     def active_streams_of(self, principal: str) -> int:
+        """Slots ``principal`` holds here: its running streams and its requests being admitted."""
         return self._per_principal.get(principal, 0)
+
+    # -- admission -----------------------------------------------------------
+
+    async def reserve(
+        self, principal: str = "", *, max_streams: int | None = None, max_per_key: int | None = None
+    ) -> Slot:
+        """Take a place under the caps, before anything else of the request is read.
+
+        Each cap is checked and reserved with no ``await`` in between, so that
+        concurrent requests cannot all pass one check before any reserves (and a
+        request whose body is still arriving already counts).  With a shared store
+        the per-key cap holds across replicas: the store checks and counts it
+        atomically.  Raises :class:`AdmissionRefused`.  The slot goes to
+        :meth:`start`, which hands it to the generation; release it yourself only
+        if you never call :meth:`start`.
+        """
+        if max_streams is not None and self._reserved >= max_streams:
+            raise AdmissionRefused("server", max_streams)
+        held = self._per_principal.get(principal, 0)
+        if max_per_key is not None and held >= max_per_key:
+            raise AdmissionRefused("key", max_per_key)
+        self._reserved += 1
+        self._per_principal[principal] = held + 1
+        slot = Slot(principal)
+        if max_per_key is not None and self.store.counts_slots:
+            try:
+                admitted = await self.store.reserve_slot(principal, max_per_key)
+            except BaseException:
+                self.release(slot)
+                raise
+            slot.shared = admitted
+            if not admitted:
+                self.release(slot)
+                raise AdmissionRefused("key", max_per_key)
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        """Give a slot back (once; a second call does nothing)."""
+        if slot.released:
+            return
+        slot.released = True
+        self._reserved -= 1
+        left = self._per_principal.pop(slot.principal, 1) - 1
+        if left:
+            self._per_principal[slot.principal] = left
+        if slot.shared:
+            self._background(self._release_shared(slot.principal))
+
+    async def _release_shared(self, principal: str) -> None:
+        try:
+            await self.store.release_slot(principal)
+        except Exception as exc:  # the store recounts this replica's slots when it is back
+            logger.warning("cannot release a stream slot in the store now (%s)", exc)
 
     # -- streams -----------------------------------------------------------
 
@@ -218,11 +292,34 @@ class Relay:
         resumable: bool = False,
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
+        slot: Slot | None = None,
     ) -> tuple[StreamMeta, bool]:
         """Start a generation, or find the one this idempotency key started.
 
-        Returns ``(meta, created)``.  Raises :class:`IdempotencyConflict`.
+        Returns ``(meta, created)``.  Raises :class:`IdempotencyConflict`.  ``slot``
+        (from :meth:`reserve`) is the generation's from now on, or given back here
+        when none starts; without one, the generation takes one outside the caps.
         """
+        if slot is None:
+            slot = await self.reserve(principal)
+        try:
+            meta, created = await self._start(request, principal, resumable, idempotency_key, fingerprint, slot)
+        except BaseException:
+            self.release(slot)
+            raise
+        if not created:
+            self.release(slot)
+        return meta, created
+
+    async def _start(
+        self,
+        request: GenerationRequest,
+        principal: str,
+        resumable: bool,
+        idempotency_key: str | None,
+        fingerprint: str | None,
+        slot: Slot,
+    ) -> tuple[StreamMeta, bool]:
         meta = StreamMeta(
             stream_id=new_stream_id(),
             principal=principal,
@@ -250,9 +347,8 @@ class Relay:
                 if found is None:
                     raise IdempotencyConflict(idempotency_key)
                 return found, False
-        generation = _Generation(meta)
+        generation = _Generation(meta, slot)
         self._running[meta.stream_id] = generation
-        self._per_principal[principal] = self._per_principal.get(principal, 0) + 1
         generation.task = asyncio.create_task(
             self._run(generation, request), name=f"tokenwire-generation-{meta.stream_id}"
         )
@@ -467,9 +563,7 @@ class Relay:
             terminal = Error("internal_error", "the generation failed inside tokenwire; see the server log")
         finally:
             self._running.pop(stream_id, None)
-            left = self._per_principal.pop(meta.principal, 1) - 1
-            if left:
-                self._per_principal[meta.principal] = left
+            self.release(generation.slot)
             if generation.grace_timer is not None:
                 generation.grace_timer.cancel()
             if terminal is None:

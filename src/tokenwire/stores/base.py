@@ -182,6 +182,20 @@ class StreamStore(abc.ABC):
     def unfollow(self, stream_id: str, follower: Follower) -> None:
         """Stop handing events to ``follower`` (if it is still following)."""
 
+    #: Whether this store counts per-key stream slots across processes (reserve_slot/release_slot).
+    #: A store of one process leaves the count to the relay, which holds it with no await.
+    counts_slots: bool = False
+
+    async def reserve_slot(self, principal: str, limit: int) -> bool:
+        """Atomically count one more stream of ``principal`` unless it has ``limit`` already (all replicas).
+
+        A dead replica's slots must come back by themselves (an expiring lease).
+        """
+        return True
+
+    async def release_slot(self, principal: str) -> None:
+        """Give back a slot :meth:`reserve_slot` counted."""
+
     async def check(self) -> None:
         """Raise :class:`StoreUnavailable` if the store cannot be used now (for health checks)."""
 

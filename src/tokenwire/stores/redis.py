@@ -9,6 +9,7 @@ Keys, all under ``prefix`` (default ``tokenwire:``)::
     stream:<id>:readers  a sorted set of reader leases: reader id -> expiry (server time, ms)
     idem:<sha256>      the Idempotency-Key binding: JSON ``[stream_id, fingerprint]``
     replica:<id>       a replica's ownership lease: renewed every ``lease_ttl / 4``, expires after ``lease_ttl``
+    slots:<sha256>     a principal's running streams, per replica: replica id -> count (the per-key cap)
     cancel             the pub/sub channel that carries ``DELETE`` to the replica running a stream
 
 Lifetimes: both stream keys (and the idempotency key bound to the stream) expire ``running_ttl``
@@ -61,6 +62,11 @@ abandoned, which also ends the block on the server) and has the least latency (R
 connection per waiting reader: with the default, 8 replicas stay under Redis's default
 ``maxclients`` of 10000.  Readers beyond ``max_blocking_readers`` do not queue for a connection:
 they poll with the non-blocking script every 50 ms.
+
+Stream caps.  A principal's streams are counted per replica in one hash; reserving a slot is one
+script that sums the counts of the replicas whose lease still runs (dropping the others', so a dead
+replica's slots come back with its lease) and adds one only under the cap.  After an outage each
+replica writes its own counts back.
 
 Not supported: Redis Cluster (the idempotency key and a stream's keys live in different slots,
 and the scripts read the owner's lease key, which they are not handed).
@@ -210,6 +216,28 @@ _FLAG_CANCEL = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'cancel', 1) end
 """
 
+# KEYS: a principal's slots.  ARGV: replica id, cap, lease key prefix, ttl_ms.  Returns 1 (reserved) or 0.
+_RESERVE_SLOT = """
+local counts = redis.call('HGETALL', KEYS[1])
+local total = 0
+for i = 1, #counts, 2 do
+  if redis.call('EXISTS', ARGV[3] .. counts[i]) == 1 then
+    total = total + tonumber(counts[i + 1])
+  else
+    redis.call('HDEL', KEYS[1], counts[i]) -- a replica that died: its streams died with it
+  end
+end
+if total >= tonumber(ARGV[2]) then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# KEYS: a principal's slots.  ARGV: replica id.
+_RELEASE_SLOT = """
+if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+"""
+
 # KEYS: idempotency key.  ARGV: value, ttl_ms.  Returns the value already bound, or nil.
 _CLAIM = """
 local bound = redis.call('GET', KEYS[1])
@@ -332,6 +360,8 @@ class RedisStore(StreamStore):
         self._restore_script = self._redis.register_script(_RESTORE)
         self._flag_cancel = self._redis.register_script(_FLAG_CANCEL)
         self._claim = self._redis.register_script(_CLAIM)
+        self._reserve_slot = self._redis.register_script(_RESERVE_SLOT)
+        self._release_slot = self._redis.register_script(_RELEASE_SLOT)
         self._touch_reader = self._redis.register_script(_TOUCH_READER)
         self._drop_reader = self._redis.register_script(_DROP_READER)
         self._has_readers = self._redis.register_script(_HAS_READERS)
@@ -350,6 +380,7 @@ class RedisStore(StreamStore):
         # stream id -> highest seq seen that is not the terminal event: a read after it may block at once.
         self._known_open: dict[str, int] = {}
         self._owners: dict[str, str] = {}  # stream id -> the replica writing it, of the streams read here
+        self._slots: collections.Counter[str] = collections.Counter()  # principal -> slots this replica holds
         self._waiting: collections.Counter[str] = collections.Counter()  # streams with a blocked reader here
 
     # -- lifecycle ---------------------------------------------------------
@@ -437,6 +468,7 @@ class RedisStore(StreamStore):
                     next_renewal = loop.time() + renew_every
                 if self._lost_data:
                     await self._restore_missing()
+                    await self._recount_slots()
                     self._lost_data = False
                 await self._flush()
                 await self._end_orphans()
@@ -787,6 +819,35 @@ class RedisStore(StreamStore):
                 return bound_stream_id, bound_fingerprint
         self._idempotency_keys[stream_id] = key
         return None
+
+    # -- stream caps ---------------------------------------------------------
+
+    counts_slots = True
+
+    def _slots_key(self, principal: str) -> str:
+        return f"{self.prefix}slots:{hashlib.sha256(principal.encode()).hexdigest()}"
+
+    async def reserve_slot(self, principal: str, limit: int) -> bool:
+        args = [self.replica_id, limit, self._lease_prefix, _ms(self.running_ttl)]
+        reserved = await self._call(self._reserve_slot(keys=[self._slots_key(principal)], args=args))
+        if reserved:
+            self._slots[principal] += 1
+        return bool(reserved)
+
+    async def release_slot(self, principal: str) -> None:
+        self._slots[principal] -= 1
+        if self._slots[principal] <= 0:
+            del self._slots[principal]
+        await self._call(self._release_slot(keys=[self._slots_key(principal)], args=[self.replica_id]))
+
+    async def _recount_slots(self) -> None:
+        """After an outage: write this replica's counts back (Redis may have lost them, or missed a release)."""
+        async with self._control.pipeline(transaction=False) as pipe:
+            for principal, count in self._slots.items():
+                key = self._slots_key(principal)
+                pipe.hset(key, self.replica_id, count)
+                pipe.pexpire(key, _ms(self.running_ttl))
+            await pipe.execute()
 
     # -- reader leases -----------------------------------------------------
 
