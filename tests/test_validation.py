@@ -1,6 +1,16 @@
+import httpx
 import pytest
 
-from tokenwire._validation import RequestError, parse_stream_request
+from fakes import FakeOpenAIUpstream, serve_app
+from tokenwire import Settings, create_app
+from tokenwire._validation import (
+    MAX_NAME_CHARS,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    RequestError,
+    parse_stream_request,
+)
+from tokenwire.providers.openai import OpenAIProvider
 
 
 def test_prompt_becomes_one_user_message():
@@ -76,3 +86,69 @@ def test_one_message_over_the_limit_is_413():
             parse_stream_request(body)
         assert (caught.value.status, caught.value.error_type, caught.value.param) == (413, "too_large", param)
     assert parse_stream_request({"prompt": "x" * MAX_MESSAGE_CHARS}).generation.messages
+
+
+# -- bounds on what reaches a log line or the upstream ------------------------------------------------
+
+def test_a_model_name_at_the_limit_is_kept_and_one_over_is_refused():
+    at_limit = "m" * MAX_NAME_CHARS
+    assert parse_stream_request({"prompt": "x", "model": at_limit}).generation.model == at_limit
+    real = "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M"  # slashes, dots, colons: all fine
+    assert parse_stream_request({"prompt": "x", "model": real}).generation.model == real
+    with pytest.raises(RequestError) as caught:
+        parse_stream_request({"prompt": "x", "model": "m" * (MAX_NAME_CHARS + 1)})
+    assert (caught.value.status, caught.value.param) == (400, "model")
+    assert caught.value.message == f"'model' has {MAX_NAME_CHARS + 1} characters; at most {MAX_NAME_CHARS}"
+
+
+@pytest.mark.parametrize(
+    ("model", "shown"),
+    [
+        ("gpt\n2025-01-01 INFO forged log line", "U+000A at 3"),  # splits a log line
+        ("\x1b[2Jm", "U+001B at 0"),  # repaints a terminal tailing the log
+        ("m\x00", "U+0000 at 1"),
+        ("safe\u202egnp.exe", "U+202E at 4"),  # bidi override: shows another name than it is
+        ("m\u2028x", "U+2028 at 1"),  # a line separator to some log viewers
+        ("m\ud800", "U+D800 at 1"),  # a lone surrogate: JSON allows it, UTF-8 cannot encode it
+    ],
+)
+def test_a_model_name_with_control_or_format_characters_is_refused(model, shown):
+    with pytest.raises(RequestError) as caught:
+        parse_stream_request({"prompt": "x", "model": model})
+    assert (caught.value.status, caught.value.param) == (400, "model")
+    assert "must be printable" in caught.value.message
+    assert shown in caught.value.message
+
+
+def test_a_stop_sequence_at_the_limit_is_kept_and_one_over_is_refused():
+    at_limit = "s" * MAX_STOP_CHARS
+    over = "s" * (MAX_STOP_CHARS + 1)
+    assert parse_stream_request({"prompt": "x", "stop": at_limit}).generation.stop == [at_limit]
+    most = [at_limit] * MAX_STOP
+    assert parse_stream_request({"prompt": "x", "stop": most}).generation.stop == most
+    assert parse_stream_request({"prompt": "x", "stop": ["\n\n", "\x00"]}).generation.stop == ["\n\n", "\x00"]
+    for stop, param in ((over, "stop"), (["\n", "ok", over], "stop[2]")):
+        with pytest.raises(RequestError) as caught:
+            parse_stream_request({"prompt": "x", "stop": stop})
+        assert (caught.value.status, caught.value.param) == (400, param)
+        limit = f"'{param}' has {MAX_STOP_CHARS + 1} characters; at most {MAX_STOP_CHARS}"
+        assert caught.value.message == limit
+        assert caught.value.to_dict()["error"]["param"] == param
+
+
+def test_an_oversized_model_name_never_reaches_the_upstream():
+    """The issue's probe: a 900k-character model name was sent upstream and logged; now it is a 400."""
+    with FakeOpenAIUpstream() as upstream:
+        app = create_app(Settings(), provider=OpenAIProvider(upstream.url + "/v1"))
+        with serve_app(app) as url:
+            huge = {"prompt": "hi", "model": "m" * 900_000}
+            refused = httpx.post(url + "/api/stream", json=huge, timeout=5)
+            assert refused.status_code == 400
+            assert refused.json()["error"]["param"] == "model"
+            assert f"at most {MAX_NAME_CHARS}" in refused.json()["error"]["message"]
+            assert len(refused.content) < 1000  # the answer does not echo the name either
+            assert upstream.request_count == 0
+            at_limit = "m" * MAX_NAME_CHARS
+            kept = httpx.post(url + "/api/stream", json={"prompt": "hi", "model": at_limit}, timeout=5)
+            assert kept.status_code == 200
+            assert upstream.wait_request().body["model"] == at_limit

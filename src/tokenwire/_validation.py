@@ -15,7 +15,15 @@ FIELDS = frozenset(
 MAX_MESSAGES = 1000
 MAX_STOP = 8
 MAX_TOKENS_LIMIT = 1_000_000
-MAX_MESSAGE_CHARS = 256 * 1024  # one message; the whole body is bounded by --max-body
+# One message; the whole body is bounded by --max-body.  Contents go upstream but are never
+# logged (the relay logs the model and counts), so this and --max-body are their only bounds.
+MAX_MESSAGE_CHARS = 256 * 1024
+# Every other string a client chooses that reaches a log line or the upstream is bounded here;
+# new ones (tool names and schemas) reuse check_name() and these constants.  A name (the model,
+# later a tool's) is logged, stored with the stream and sent upstream; 256 leaves room for a
+# Hugging Face repo path with a quantization tag.
+MAX_NAME_CHARS = 256
+MAX_STOP_CHARS = 256  # one stop sequence: sent upstream, or searched in the local model's output
 
 
 class RequestError(Exception):
@@ -72,8 +80,8 @@ def parse_stream_request(body: Any) -> StreamRequest:
         raise invalid("'messages' is required: a list of {\"role\", \"content\"} objects (or give 'prompt')", "messages")
 
     model = body.get("model")
-    if model is not None and (not isinstance(model, str) or not model):
-        raise invalid("'model' must be a non-empty string", "model")
+    if model is not None:
+        model = check_name(model, "model")
     max_tokens = _int(body, "max_tokens", 1, MAX_TOKENS_LIMIT)
     temperature = _number(body, "temperature", 0.0, 2.0)
     top_p = _number(body, "top_p", 0.0, 1.0)
@@ -94,6 +102,27 @@ def parse_stream_request(body: Any) -> StreamRequest:
         ),
         resumable,
     )
+
+
+def check_name(value: Any, param: str) -> str:
+    """A name (the model; later a tool's): a non-empty printable string of at most MAX_NAME_CHARS.
+
+    Printable as ``str.isprintable`` says: no control characters (a newline would
+    split a log line, an escape sequence repaint a terminal that tails the log),
+    no format characters (a bidi override shows a different name than it is) and
+    no line separators or lone surrogates.
+    """
+    if not isinstance(value, str) or not value:
+        raise invalid(f"'{param}' must be a non-empty string", param)
+    if len(value) > MAX_NAME_CHARS:
+        raise invalid(f"'{param}' has {len(value)} characters; at most {MAX_NAME_CHARS}", param)
+    if not value.isprintable():
+        position, char = next((i, c) for i, c in enumerate(value) if not c.isprintable())
+        raise invalid(
+            f"'{param}' must be printable: no control or format characters (U+{ord(char):04X} at {position})",
+            param,
+        )
+    return value
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
@@ -153,10 +182,16 @@ def _number(body: dict[str, Any], name: str, low: float, high: float) -> float |
 def _stop(value: Any) -> list[str]:
     if value is None:
         return []
-    if isinstance(value, str):
+    single = isinstance(value, str)
+    if single:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
         raise invalid("'stop' must be a non-empty string or a list of them", "stop")
     if len(value) > MAX_STOP:
         raise invalid(f"'stop' has {len(value)} entries; at most {MAX_STOP}", "stop")
+    # Control characters stay allowed: "\n" is the most common stop sequence.
+    for i, sequence in enumerate(value):
+        if len(sequence) > MAX_STOP_CHARS:
+            param = "stop" if single else f"stop[{i}]"
+            raise invalid(f"'{param}' has {len(sequence)} characters; at most {MAX_STOP_CHARS}", param)
     return list(value)
