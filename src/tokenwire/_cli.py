@@ -11,7 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from ._config import PROVIDERS, Settings
-from ._exceptions import ClientError, ConfigError
+from ._exceptions import ClientError, ConfigError, TokenwireHTTPError
+
+
+ASK_KEY_ENV = "TOKENWIRE_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--auth-keys-file", help="require 'Authorization: Bearer <key>' with a key from this file")
     serve.add_argument("--max-streams", type=int, help="streams running at once before 503 (512)")
     serve.add_argument("--max-streams-per-key", type=int, help="streams per API key before 429 (32)")
+    serve.add_argument("--head-timeout", type=float,
+                       help="seconds for a request's line and headers to arrive; then 408 and close (10)")
+    serve.add_argument("--body-timeout", type=float,
+                       help="seconds for a whole request body to arrive after its headers; then 408, close (30)")
+    serve.add_argument("--max-header-bytes", type=int,
+                       help="size of a request's header section before 431 (65536; the request line: 64 KiB)")
+    serve.add_argument("--max-connections", type=int,
+                       help="open connections before new ones get 503; every running stream and resume holds "
+                       "one, as does each idle keep-alive connection: keep it above --max-streams (2048)")
     serve.add_argument("--config", help="routes file (TOML): model -> provider, base_url, model, api_key_env")
     serve.add_argument("--cors-origins", help="comma-separated origins allowed to call the API (CORS off by default)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -50,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--model")
     ask.add_argument("--max-tokens", type=int)
     ask.add_argument("--no-resume", action="store_true", help="do not reconnect after a network error")
+    # The key itself is never a flag: a command line lands in shell history and in `ps`.
+    ask.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help=f"environment variable holding the server's API key (default {ASK_KEY_ENV}; none if unset)",
+    )
     return parser
 
 
@@ -76,7 +94,8 @@ def serve(args: argparse.Namespace) -> int:
             "host", "port", "provider", "base_url", "model", "model_path", "api_key_env", "heartbeat",
             "max_duration", "resume_grace", "send_timeout", "store", "log_level", "first_token_timeout",
             "idle_timeout", "connect_timeout", "max_body", "auth_keys_file", "max_streams", "max_streams_per_key",
-            "cors_origins", "config", "retry_ms",
+            "cors_origins", "config", "retry_ms", "head_timeout", "body_timeout", "max_header_bytes",
+            "max_connections",
         )
     }
     settings = Settings.from_env(**overrides)
@@ -97,6 +116,12 @@ def ask(args: argparse.Namespace) -> int:
 
     from ._client import stream_tokens
 
+    key_env = args.api_key_env or ASK_KEY_ENV
+    key = os.environ.get(key_env, "").strip()  # the server strips the key it is sent too
+    if args.api_key_env and not key:
+        # Asked for a key by name: going on without one would only end in a 401.
+        raise ConfigError(f"--api-key-env names {key_env}, which is not set: export {key_env}=<your key>")
+    headers = {"authorization": f"Bearer {key}"} if key else {}
     body: dict[str, object] = {"prompt": args.prompt}
     if args.model:
         body["model"] = args.model
@@ -105,7 +130,7 @@ def ask(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/") + "/api/stream"
 
     async def run() -> int:
-        async for event in stream_tokens(url, body, resume=not args.no_resume):
+        async for event in stream_tokens(url, body, headers=headers, resume=not args.no_resume):
             kind = event.get("type")
             if kind in ("token", "reasoning"):
                 sys.stdout.write(event["text"])
@@ -126,9 +151,28 @@ def ask(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\n[stopped]", file=sys.stderr)
         return 130
+    except TokenwireHTTPError as exc:
+        if exc.status_code == 401:
+            print(f"tokenwire: {_unauthorized_advice(key_env, bool(key))}", file=sys.stderr)
+        else:
+            print(f"tokenwire: {exc}", file=sys.stderr)
+        return 1
     except ClientError as exc:
         print(f"tokenwire: {exc}", file=sys.stderr)
         return 1
     except (OSError, httpx.TransportError) as exc:
         print(f"tokenwire: cannot reach {url}: {exc}", file=sys.stderr)
         return 1
+
+
+def _unauthorized_advice(key_env: str, sent: bool) -> str:
+    """What to do about a 401 (never the key: the message may end up in a bug report)."""
+    if sent:
+        return (
+            f"the server refused the API key in {key_env} (HTTP 401): "
+            f"set {key_env} to a key from the server's --auth-keys-file"
+        )
+    return (
+        f"the server requires an API key (HTTP 401): set {key_env}=<your key>, "
+        "or name another variable with --api-key-env"
+    )

@@ -33,6 +33,11 @@ class Settings:
     auth_keys_file: str = ""
     max_streams: int = 512
     max_streams_per_key: int = 32
+    # Connection-level limits, enforced by the HTTP server (_server.py) before any route runs.
+    head_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_header_bytes: int = 64 * 1024
+    max_connections: int = 2048
     cors_origins: str = ""
     config: str = ""
     log_level: str = "info"
@@ -61,12 +66,14 @@ class Settings:
         if self.provider == "openai" and not self.base_url:
             raise ConfigError("--provider openai needs --base-url (e.g. http://127.0.0.1:8080/v1)")
         for name in ("heartbeat", "max_duration", "send_timeout", "first_token_timeout", "idle_timeout",
-                     "connect_timeout"):
+                     "connect_timeout", "head_timeout", "body_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds")
-        for name in ("max_streams", "max_streams_per_key", "max_body", "retry_ms"):
+        for name in ("max_streams", "max_streams_per_key", "max_body", "retry_ms", "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_header_bytes < 1024:
+            raise ConfigError("--max-header-bytes must be at least 1024 (a browser's headers are often 1 KB)")
         if self.resume_grace < 0:
             raise ConfigError("--resume-grace must be zero or more seconds")
         if not (self.store == "memory" or self.store.startswith(("redis://", "rediss://"))):
