@@ -1,12 +1,14 @@
 """Run the benchmarks and write RESULTS.md, results.json and plots/ (issue 5).
 
-    python -m bench                 # everything, ~13 minutes; writes bench/RESULTS.md, bench/plots/
-    python -m bench --quick         # ~3 minutes; writes bench/.cache/quick/ unless --out says otherwise
+    python -m bench                 # everything, ~42 minutes; writes bench/RESULTS.md, bench/plots/
+    python -m bench --quick         # ~4 minutes; writes bench/.cache/quick/ unless --out says otherwise
     python -m bench --only latency,cancel
     python -m bench --report-only   # re-render RESULTS.md and plots from results.json
 
-Sections: latency, ceiling, cancel, memory, profile, local, parsers.  Installs its own dependencies
-first (bench/requirements.txt into this venv, bench/package.json with ``npm ci``) unless
+Sections: latency, ceiling, cancel, memory, profile, local, parsers, soak (10 minutes per store; 30 s with
+``--quick``), faults (lost cancels, a killed replica, a Redis restart; ~2 minutes), abuse (slowloris, slow
+bodies, huge headers, a connection flood, with normal requests meanwhile; ~1 minute).  Installs its own
+dependencies first (bench/requirements.txt into this venv, bench/package.json with ``npm ci``) unless
 ``--no-install``.
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("latency", "ceiling", "cancel", "memory", "profile", "local", "parsers")
+SECTIONS = ("latency", "ceiling", "cancel", "memory", "profile", "local", "parsers", "soak", "faults", "abuse")
 
 
 def install() -> None:
@@ -164,6 +166,25 @@ async def run(
                 HERE / ".cache" / "fixtures", plan.parser_repeats, plan.parser_min_s, log
             )
         save()
+    if "soak" in sections:
+        from . import soak
+
+        duration = soak.QUICK_S if plan.name == "quick" else soak.FULL_S
+        with Section(results, "soak"):
+            results["soak"] = await soak.bench(duration, log_dir, server_cpus, log)
+        save()
+    if "faults" in sections:
+        from . import faults
+
+        with Section(results, "faults"):
+            results["faults"] = await asyncio.to_thread(faults.bench, log_dir, log)
+        save()
+    if "abuse" in sections:
+        from . import abuse
+
+        with Section(results, "abuse"):
+            results["abuse"] = await abuse.bench(log_dir, server_cpus, log)
+        save()
 
 
 def _save(results: dict[str, Any], out_dir: Path) -> None:
@@ -173,7 +194,7 @@ def _save(results: dict[str, Any], out_dir: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="shorter runs, fewer repeats (~2-3 min)")
+    parser.add_argument("--quick", action="store_true", help="shorter runs, fewer repeats (~4 min)")
     parser.add_argument("--only", help=f"comma-separated sections of: {', '.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, help="output folder (default bench/, or bench/.cache/quick with --quick)")
     parser.add_argument("--no-install", action="store_true", help="do not pip/npm install the bench dependencies")

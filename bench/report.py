@@ -331,6 +331,149 @@ def _local(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _soak(r: dict[str, Any]) -> list[str]:
+    soak = r.get("soak")
+    if not soak:
+        return []
+    stores = soak["stores"]
+    some = next((row for row in stores.values() if "error" not in row), None)
+    lines = [
+        "## Soak: RSS and open fds under churn",
+        "",
+        f"{soak['concurrency']} concurrent short streams ({soak['max_tokens']} tokens, 20 ms apart: "
+        "`tokenwire serve --provider scripted`), each replaced by a new one as soon as it ends, for "
+        f"{soak['duration_s']:g} s per store; one request in {soak['requests_per_connection']} asks "
+        "`Connection: close`, so keep-alive connections and fresh ones both churn. The server's RSS "
+        "(`VmRSS`) and open fds (`/proc/PID/fd`) are read every second; first, last and max are after "
+        f"warm-up (the first {_f(some['flatness']['warmup_s'] if some else math.nan, 0)} s). *Flat*: the "
+        "median RSS of the last third of the samples after warm-up exceeds that of the first third by at "
+        f"most {soak['rss_slack_mib']:g} MiB + {soak['rss_slack_fraction']:.0%}, and the fds neither climb "
+        "(medians, the same thirds) nor peak above the warm-up's maximum by more than "
+        f"{soak['fd_slack']}. Errors: streams that did not end with `done` (non-200, no terminal event, "
+        "`error`, timeout). "
+        "`tests/test_soak.py` runs the same driver (`bench/soak.py`) for 60 s per store.",
+        "",
+        "| store | duration s | streams completed | streams/s | server CPU | errors "
+        "| RSS MiB first / last / max | RSS medians MiB (early → late) | fds first / last / max | verdict |",
+        "|---|---:|---:|---:|---:|---:|---|---|---|---|",
+    ]
+    for name, row in stores.items():
+        if "error" in row:
+            lines.append(f"| {name} | | | | | | | | | not measured: {row['error']} |")
+            continue
+        fl = row["flatness"]
+        mib = lambda kib: _f(kib / 1024, 1)  # noqa: E731
+        lines.append(
+            f"| {name} | {row['duration_s']:g} | {row['completed']:,} | {_f(row['streams_per_s'], 0)} | "
+            f"{_pct(row['server_cpu'])} | {row['errors']} | {mib(row['rss_first_kib'])} / "
+            f"{mib(row['rss_last_kib'])} / {mib(row['rss_max_kib'])} | {mib(fl['rss_early_kib'])} → "
+            f"{mib(fl['rss_late_kib'])} | {row['fds_first']} / {row['fds_last']} / {row['fds_max']} | "
+            f"{'flat' if fl['flat'] else '**' + fl['verdict'] + '**'} |"
+        )
+    return lines + ["", "![soak](plots/soak.png)", ""]
+
+
+def _faults(r: dict[str, Any]) -> list[str]:
+    f = r.get("faults")
+    if not f:
+        return []
+    if "error" in f:
+        return ["## Faults", "", f"Not measured: {f['error']}", ""]
+    ms = lambda v: "–" if v is None else _f(v, 0)  # noqa: E731
+    s = lambda v: "–" if v is None else _f(v, 2)  # noqa: E731
+    lines = [
+        "## Faults (issue 12)",
+        "",
+        "`bench/faults.py` runs the scenarios of `tests/test_redis_promises.py` (`tests/replicas.py`): "
+        "`tokenwire serve` processes (memory: one; Redis: two sharing one `redis-server`) and the tests' fake "
+        f"upstream. **Cancels**: {f['cancels']} per store and path, 50 at a time, by DELETE on the replica "
+        "running the stream, DELETE on the other one, or the client closing the connection; a fifth before the "
+        f"first token ({f['cancel_before_first_token_s'][0]:g}-{f['cancel_before_first_token_s'][1]:g} s after "
+        f"`start`; the upstream is silent for {f['first_token_delay_s']:g} s), the rest after "
+        f"{f['cancel_after_tokens'][0]}-{f['cancel_after_tokens'][1]} tokens of a stream of one token every "
+        f"{f['token_interval_ms']:g} ms; *lost* = the upstream request still open "
+        f"{f['cancel_bound_s']:g} s after the cancel; *no terminal* = the response or log afterwards lacks its "
+        "one terminal event. **Replica death**: SIGKILL the replica running "
+        f"{f['streams']} resumable streams, resume each on the other (bound {f['replica_lost_bound_s']:g} s = "
+        f"lease TTL + 1 s). **Redis restart**: {f['streams']} live streams, Redis down 2 s and back empty on "
+        "the same port.",
+        "",
+        "| store | cancel path | lost / N | no terminal | before 1st token / mid-stream | finished first | "
+        "upstream closed p50 / max ms |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for store, paths in f.get("cancel", {}).items():
+        for path, row in paths.items():
+            lines.append(
+                f"| {store} | {path} | {row['lost']} / {row['n']} | {row['no_terminal']} | "
+                f"{row['before_first_token']} / {row['mid_stream']} | {row['finished_first']} | "
+                f"{ms(row['close_p50_ms'])} / {ms(row['close_max_ms'])} |"
+            )
+    death = f.get("replica_death")
+    if death:
+        lines += [
+            "",
+            "| replica death | resumes with a terminal event | kill → terminal p50 s | max s | terminal events |",
+            "|---|---:|---:|---:|---|",
+            f"| SIGKILL | {death['got_terminal']} / {death['n']} | {s(death['p50_s'])} | {s(death['max_s'])} | "
+            f"{', '.join(f'{k} ×{v}' for k, v in death['terminals'].items()) or '–'} |",
+        ]
+    restart = f.get("redis_restart")
+    if restart:
+        lines += [
+            "",
+            "| Redis restart | completed | ended by a typed error | cut | new stream works after (per replica) |",
+            "|---|---:|---:|---:|---|",
+        ]
+        for how, row in restart.items():
+            typed = sum(row["typed"].values())
+            kinds = f" ({', '.join(f'{k} ×{v}' for k, v in row['typed'].items())})" if typed else ""
+            recovery = ", ".join(f"{k} {s(v)} s" for k, v in row["recovery_s"].items())
+            label = "SHUTDOWN NOSAVE" if how == "shutdown" else "SIGKILL"
+            lines.append(f"| {label} | {row['completed']} / {row['n']} | {typed}{kinds} | {row['cut']} | {recovery} |")
+    return lines + [""]
+
+
+def _abuse(r: dict[str, Any]) -> list[str]:
+    a = r.get("abuse")
+    if not a:
+        return []
+    mib = lambda kib: _f(kib / 1024, 1)  # noqa: E731
+    counts = lambda c: ", ".join(f"{k} ×{v:,}" for k, v in sorted(c.items())) or "–"  # noqa: E731
+    lines = [
+        "## Abuse: slow and oversized clients (issue 13)",
+        "",
+        "`bench/abuse.py`: one `tokenwire serve --provider scripted` with `" + " ".join(a["server_flags"]) + "` "
+        "(the deadlines shortened so that each attack lives through several within its phase; the other limits "
+        f"at their defaults), one phase after another, {a['phase_s']:g} s each. **slowloris**: connections "
+        "that send half a request head, then nothing; **slow bodies**: POSTs announcing 1000 bytes, sent 1 byte "
+        "a second; both replaced as soon as the server closes them. **huge headers**: 8 at a time, a header "
+        f"of up to {a['huge_max_mib']} MiB in 1 MiB writes, stopping when answered, again 100 ms later. "
+        "**connection flood**: "
+        "idle connections, the cap (2048) + 500, each reopened 100 ms after it is closed. Meanwhile probes, one "
+        "at a time, each on a new connection, alternate `GET /healthz` and a 3-token `POST /api/stream` read to "
+        "its end: answer times whatever the status, and the statuses. RSS: before the phase, its peak "
+        f"(`VmHWM` reset at the start, and 50 ms samples), and {a['settle_s']:g} s after it.",
+        "",
+        "| phase | attack connections | how they ended | RSS MiB before / peak / after | "
+        "healthz p50 / p99 ms | stream p50 / p99 ms | probe statuses |",
+        "|---|---:|---|---|---:|---:|---|",
+    ]
+    for name, row in a["phases"].items():
+        h, st = row["probes"]["healthz"], row["probes"]["stream"]
+        statuses: dict[str, int] = {}
+        for kind in (h, st):
+            for k, v in kind["statuses"].items():
+                statuses[k] = statuses.get(k, 0) + v
+        lines.append(
+            f"| {name} | {row['attack']['opened']:,} | {counts(row['attack']['ended'])} | "
+            f"{mib(row['rss_before_kib'])} / {mib(row['rss_peak_kib'])} / {mib(row['rss_after_kib'])} | "
+            f"{_f(h['p50_ms'], 1)} / {_f(h['p99_ms'], 1)} | {_f(st['p50_ms'], 1)} / {_f(st['p99_ms'], 1)} | "
+            f"{counts(statuses)} |"
+        )
+    return lines + [""]
+
+
 PEERS_PY = [("tokenwire SSEDecoder", "httpx-sse")]
 PEERS_JS = [
     ("tokenwire.js SSEParser", "eventsource-parser 3"),
@@ -458,6 +601,21 @@ def goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                     if ours in row and peer in row and row[ours]["mb_per_s"] < row[peer]["mb_per_s"]:
                         slower.append(f"{ours} < {peer} on {fixture} ({row[ours]['mb_per_s'] / row[peer]['mb_per_s']:.2f}×)")
         out.append(("each parser at least as fast as its peer", "; ".join(slower) or "all at least as fast", not slower))
+    soak = r.get("soak")
+    if soak:
+        rows = soak["stores"]
+        text = "; ".join(
+            f"{name}: not measured ({row['error']})" if "error" in row
+            else f"{name}: {row['flatness']['verdict']}, {row['errors']} errors" for name, row in rows.items()
+        )
+        met = all("error" not in row and row["flatness"]["flat"] and not row["errors"] for row in rows.values())
+        goal = f"soak (issue 12): RSS and fds flat over {soak['duration_s']:g} s of churn, no failed stream"
+        out.append((goal, text, met))
+    huge = (r.get("abuse") or {}).get("phases", {}).get("huge headers")
+    if huge:
+        growth = (huge["rss_peak_kib"] - huge["rss_before_kib"]) / 1024
+        goal = "abuse (issue 13): RSS grows by less than 50 MB under 8 concurrent 100 MiB headers"
+        out.append((goal, f"+{growth:.1f} MiB", growth * 1024 * 1024 < 50e6))
     return out
 
 
@@ -465,7 +623,8 @@ def _goals(r: dict[str, Any]) -> list[str]:
     rows = goals(r)
     if not rows:
         return []
-    lines = ["## Goals (issue 5)", "", "| goal | measured | met |", "|---|---|---|"]
+    title = "## Goals (issues 5 and 12)" if r.get("soak") else "## Goals (issue 5)"
+    lines = [title, "", "| goal | measured | met |", "|---|---|---|"]
     for goal, measured, met in rows:
         lines.append(f"| {goal} | {measured} | {'yes' if met else 'no' if met is not None else '–'} |")
     return lines + [""]
@@ -481,7 +640,7 @@ def render(r: dict[str, Any]) -> str:
         "Every number below was measured in that one run on the machine described.",
         "",
     ]
-    for section in (_goals, _machine, _method, _latency, _ceiling, _cancel, _memory, _local, _parsers, _profile):
+    for section in (_goals, _machine, _method, _latency, _ceiling, _cancel, _memory, _local, _parsers, _profile, _soak, _faults, _abuse):
         lines += section(r)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -600,6 +759,26 @@ def plot(r: dict[str, Any], directory: Path) -> list[Path]:
             ax.set_title(f"{lang} SSE parsers")
             ax.legend(fontsize=7)
         save(fig, "parsers.png")
+
+    soak = r.get("soak")
+    measured = {name: row for name, row in (soak or {}).get("stores", {}).items() if "error" not in row}
+    if measured:
+        fig, (ax_rss, ax_fds) = plt.subplots(1, 2, figsize=(11, 4))
+        for name, row in measured.items():
+            t = [x[0] for x in row["samples"]]
+            ax_rss.plot(t, [x[1] / 1024 for x in row["samples"]], label=name)
+            ax_fds.plot(t, [x[2] for x in row["samples"]], label=name)
+        warmup = next(iter(measured.values()))["flatness"]["warmup_s"]
+        for ax, label in ((ax_rss, "server RSS (MiB)"), (ax_fds, "server open fds")):
+            ax.axvline(warmup, color="black", linestyle=":", linewidth=1)
+            ax.set_xlabel(f"seconds ({soak['concurrency']} streams at a time; dotted: end of warm-up)")
+            ax.set_ylabel(label)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        ax_rss.set_ylim(bottom=0)
+        ax_rss.set_title("soak: RSS")
+        ax_fds.set_title("soak: open file descriptors")
+        save(fig, "soak.png")
     return written
 
 

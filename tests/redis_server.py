@@ -3,12 +3,17 @@
 ``run_redis_server()`` is a context manager yielding the URL; ``redis_url_fixture()`` makes a
 session-scoped pytest fixture of it.  A missing ``redis-server`` skips the tests that need it,
 except in CI (``CI`` set, and not ``false``/``0``), where it fails them: CI must run them.
+
+:class:`RedisServer` is one that a test can take down mid-stream (``SHUTDOWN NOSAVE``, or SIGKILL)
+and bring back on the same port, empty, as a restarted production Redis without persistence comes
+back; :func:`require_redis_server` is the skip-or-fail rule above for tests that start their own.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -21,7 +26,13 @@ import pytest
 
 from fakes import free_port
 
-__all__ = ["find_redis_server", "redis_url_fixture", "run_redis_server"]
+__all__ = [
+    "RedisServer",
+    "find_redis_server",
+    "redis_url_fixture",
+    "require_redis_server",
+    "run_redis_server",
+]
 
 
 def find_redis_server() -> str:
@@ -98,3 +109,115 @@ def redis_url_fixture(name: str = "redis_url") -> Callable[..., Iterator[str]]:
             yield url
 
     return _redis_url
+
+
+def require_redis_server() -> str:
+    """The ``redis-server`` executable; skips the calling test without one, or fails it in CI."""
+    try:
+        return find_redis_server()
+    except FileNotFoundError as exc:
+        if _in_ci():
+            pytest.fail(f"{exc} (CI must run the Redis tests)", pytrace=False)
+        pytest.skip(str(exc))
+
+
+class RedisServer:
+    """A ``redis-server`` on a loopback port that stays the same across :meth:`stop` and :meth:`start`.
+
+    No persistence (``--save ""``, no AOF): after a restart the server is empty, as a production Redis
+    without persistence comes back.  ``stop("shutdown")`` sends ``SHUTDOWN NOSAVE`` (clients see their
+    connections closed); ``stop("kill")`` sends SIGKILL (the kernel closes them).  Use as a context
+    manager, or call :meth:`close`: the process never outlives it.
+    """
+
+    def __init__(self, executable: str | None = None, *, startup_timeout: float = 10.0) -> None:
+        self.executable = executable or find_redis_server()
+        self.startup_timeout = startup_timeout
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, size: int = 2000) -> str:
+        if self._tmp is None:
+            return ""
+        path = Path(self._tmp.name) / "redis.log"
+        return path.read_text(errors="replace")[-size:] if path.exists() else ""
+
+    def start(self) -> RedisServer:
+        """Start it (on a free port the first time, on the same port after); return once it answers PING."""
+        if self.running:
+            return self
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="tokenwire-redis-")
+        first = self.port == 0
+        for _attempt in range(3 if first else 1):  # a free port may be taken between probing and binding
+            if first:
+                self.port = free_port()
+            log = str(Path(self._tmp.name) / "redis.log")
+            args = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--dir", self._tmp.name, "--logfile", log]  # fmt: skip
+            self.process = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            )
+            deadline = time.monotonic() + self.startup_timeout
+            while (
+                self.process.poll() is None and time.monotonic() < deadline and not _answers_ping(self.port)
+            ):
+                time.sleep(0.01)
+            if self.process.poll() is None and _answers_ping(self.port):
+                return self
+            self._reap()
+        raise RuntimeError(f"redis-server did not start on port {self.port}:\n{self.log_tail()}")
+
+    def stop(self, how: str = "shutdown", timeout: float = 5.0) -> None:
+        """Take it down, ``"shutdown"`` (SHUTDOWN NOSAVE) or ``"kill"`` (SIGKILL); return once it is gone."""
+        if how not in ("shutdown", "kill"):
+            raise ValueError(f"how must be 'shutdown' or 'kill', not {how!r}")
+        if not self.running:
+            return
+        assert self.process is not None
+        if how == "kill":
+            self.process.send_signal(signal.SIGKILL)
+        else:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+                    sock.sendall(b"SHUTDOWN NOSAVE\r\n")
+                    sock.settimeout(timeout)
+                    while sock.recv(1024):  # the server closes the connection as it exits
+                        pass
+            except OSError:
+                pass
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._reap()
+            raise RuntimeError(f"redis-server did not stop ({how}) within {timeout:g} s") from None
+        # Down means refusing connections, which is what clients must see during the outage.
+        if _answers_ping(self.port):
+            raise RuntimeError(f"something else answers on port {self.port} after redis-server stopped")
+
+    def close(self) -> None:
+        self._reap()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def _reap(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

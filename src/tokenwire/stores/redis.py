@@ -371,6 +371,9 @@ class RedisStore(StreamStore):
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
+        # Set by aclose() before it cancels the background tasks, which check it after every await:
+        # a cancellation that redis-py swallows (see _relay) must not keep them looping forever.
+        self._closing = False
         self._owned: dict[str, _Owned] = {}  # the streams this replica writes
         # stream id -> idempotency key, for streams this process claimed: refreshed with them.
         self._idempotency_keys: dict[str, str] = {}
@@ -388,6 +391,7 @@ class RedisStore(StreamStore):
     async def startup(self) -> None:
         if self._listener is not None:
             return
+        self._closing = False
         pubsub = self._redis.pubsub()
         try:
             await self._renew_lease()
@@ -408,6 +412,7 @@ class RedisStore(StreamStore):
         self._keeper = asyncio.create_task(self._keep(), name="tokenwire-redis-keeper")
 
     async def aclose(self) -> None:
+        self._closing = True
         await cancel_and_wait(self._keeper)
         self._keeper = None
         await cancel_and_wait(self._listener)
@@ -450,7 +455,7 @@ class RedisStore(StreamStore):
         loop = asyncio.get_running_loop()
         renew_every = self.lease_ttl / 4
         next_renewal = loop.time() + renew_every
-        while True:
+        while not self._closing:
             await asyncio.sleep(min(_PROBE_INTERVAL, renew_every))
             try:
                 if self._down_since is not None:
@@ -624,6 +629,8 @@ class RedisStore(StreamStore):
         for stream_id, owned in list(self._owned.items()):
             # Until it is written out, or forgotten (its terminal event written, or the stream gone).
             while owned.pending and self._down_since is None and self._owned.get(stream_id) is owned:
+                if self._closing:
+                    return
                 seq, data, terminal = owned.pending[0]
                 try:
                     await self._write(stream_id, owned, seq, data, terminal)
@@ -890,7 +897,7 @@ class RedisStore(StreamStore):
     async def _listen(self, pubsub: PubSub) -> None:
         backoff = 0.1
         resubscribed = False
-        while True:
+        while not self._closing:
             try:
                 # A finite timeout lets the health check run on a quiet subscription.
                 message = await pubsub.get_message(timeout=30.0)
