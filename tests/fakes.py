@@ -19,13 +19,17 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import resource
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -525,6 +529,66 @@ def serve_app(app: Any, *, sndbuf: int | None = None, **config: Any) -> Iterator
         sock.close()
         if thread.is_alive():
             raise RuntimeError("uvicorn did not shut down within 10 s")
+
+
+#: The ``tokenwire`` command of this virtualenv.
+TOKENWIRE = Path(sys.executable).parent / "tokenwire"
+
+
+@dataclass
+class ServeProcess:
+    """A ``tokenwire serve`` process started by :func:`run_tokenwire_serve`."""
+
+    port: int
+    pid: int
+    log: Path  # its stdout and stderr
+
+    def rss_kib(self) -> int:
+        return status_kib(self.pid, "VmRSS")
+
+
+@contextlib.contextmanager
+def run_tokenwire_serve(log_dir: Path, *flags: str, fd_limit: int | None = None) -> Iterator[ServeProcess]:
+    """``tokenwire serve --provider scripted`` (plus ``flags``) on a free loopback port, until /healthz answers.
+
+    For what only the real command shows: its HTTP server setup, its memory, its file-descriptor
+    limit (``fd_limit`` sets RLIMIT_NOFILE before it starts).  Terminated whatever happens.
+    """
+    port = free_port()
+    log_path = log_dir / f"serve-{port}.log"
+    argv = [str(TOKENWIRE), "serve", "--provider", "scripted", "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "warning", *flags]  # fmt: skip
+
+    def limit_fds() -> None:
+        if fd_limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit_fds
+        )
+    try:
+        if not wait_until(lambda: process.poll() is not None or _healthy(port), timeout=30) or process.poll():
+            raise RuntimeError(f"tokenwire serve did not start:\n{log_path.read_text(errors='replace')}")
+        yield ServeProcess(port, process.pid, log_path)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A ``kB`` field of ``/proc/PID/status`` (VmRSS, VmHWM …)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
 
 
 # -- small helpers for tests -----------------------------------------------

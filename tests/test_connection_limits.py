@@ -7,26 +7,21 @@ the limit.  The process is the server users run, and its RSS and file-descriptor
 
 from __future__ import annotations
 
-import contextlib
 import json
 import resource
 import select
 import selectors
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from fakes import free_port, wait_until
+from fakes import ServeProcess, run_tokenwire_serve, status_kib, wait_until
 
-TOKENWIRE = Path(sys.executable).parent / "tokenwire"
 HEAD_TIMEOUT = 0.5
 BODY_TIMEOUT = 0.5
 MAX_HEADER_BYTES = 8192
@@ -34,60 +29,12 @@ HALF_HEAD = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
 STREAM_BODY = b'{"prompt": "hi", "max_tokens": 3}'
 
 
-@dataclass
-class Server:
-    port: int
-    pid: int
-    log: Path
-
-    def rss_kib(self) -> int:
-        return _status_kib(self.pid, "VmRSS")
-
-
-@contextlib.contextmanager
-def serve(log_dir: Path, *flags: str, fd_limit: int | None = None) -> Iterator[Server]:
-    port = free_port()
-    log_path = log_dir / f"serve-{port}.log"
-    argv = [str(TOKENWIRE), "serve", "--provider", "scripted", "--host", "127.0.0.1", "--port", str(port),
-            "--log-level", "warning", *flags]  # fmt: skip
-
-    def limit_fds() -> None:
-        if fd_limit is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
-
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit_fds
-        )
-    try:
-        if not wait_until(lambda: process.poll() is not None or _healthy(port), timeout=30) or process.poll():
-            raise RuntimeError(f"tokenwire serve did not start:\n{log_path.read_text(errors='replace')}")
-        yield Server(port, process.pid, log_path)
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def _healthy(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise LookupError(field)
-
-
 @pytest.fixture(scope="module")
-def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """A server with short deadlines and a small header cap."""
     flags = ["--head-timeout", str(HEAD_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT),
              "--max-header-bytes", str(MAX_HEADER_BYTES)]  # fmt: skip
-    with serve(tmp_path_factory.mktemp("tight"), *flags) as server:
+    with run_tokenwire_serve(tmp_path_factory.mktemp("tight"), *flags) as server:
         yield server
 
 
@@ -162,7 +109,7 @@ def short_stream(port: int) -> bytes:
 # -- the head deadline ------------------------------------------------------------------------------
 
 
-def test_1000_half_open_heads_are_closed_once_the_head_deadline_passes(tight: Server) -> None:
+def test_1000_half_open_heads_are_closed_once_the_head_deadline_passes(tight: ServeProcess) -> None:
     socks: list[tuple[socket.socket, float]] = []
     try:
         for _ in range(1000):
@@ -211,7 +158,7 @@ def test_1000_half_open_heads_are_closed_once_the_head_deadline_passes(tight: Se
             sock.close()
 
 
-def test_a_head_sent_in_parts_within_the_deadline_is_served(tight: Server) -> None:
+def test_a_head_sent_in_parts_within_the_deadline_is_served(tight: ServeProcess) -> None:
     with connect(tight.port) as sock:
         sock.sendall(HALF_HEAD)
         time.sleep(HEAD_TIMEOUT * 0.5)
@@ -220,14 +167,14 @@ def test_a_head_sent_in_parts_within_the_deadline_is_served(tight: Server) -> No
     assert (status, json.loads(body)["status"]) == (200, "ok")
 
 
-def test_a_connection_that_sends_nothing_is_closed_without_an_answer(tight: Server) -> None:
+def test_a_connection_that_sends_nothing_is_closed_without_an_answer(tight: ServeProcess) -> None:
     with connect(tight.port) as sock:
         answer, waited = timed(read_to_eof, sock)
     assert answer == b""
     assert HEAD_TIMEOUT * 0.8 <= waited <= HEAD_TIMEOUT + 5
 
 
-def test_the_deadline_restarts_for_each_request_of_a_keep_alive_connection(tight: Server) -> None:
+def test_the_deadline_restarts_for_each_request_of_a_keep_alive_connection(tight: ServeProcess) -> None:
     # Two requests on one connection, each head in two parts, together longer than one deadline.
     with connect(tight.port) as sock:
         for last in (False, True):
@@ -245,7 +192,7 @@ def test_the_deadline_restarts_for_each_request_of_a_keep_alive_connection(tight
 # -- the body deadline ------------------------------------------------------------------------------
 
 
-def test_a_stalled_body_gets_a_408_and_the_connection_is_closed(tight: Server) -> None:
+def test_a_stalled_body_gets_a_408_and_the_connection_is_closed(tight: ServeProcess) -> None:
     with connect(tight.port) as sock:
         sock.sendall(post_head(len(STREAM_BODY)) + STREAM_BODY[:10])
         answer, waited = timed(read_to_eof, sock)
@@ -256,7 +203,7 @@ def test_a_stalled_body_gets_a_408_and_the_connection_is_closed(tight: Server) -
     assert "Exception in ASGI application" not in tight.log.read_text(errors="replace")
 
 
-def test_a_client_that_leaves_halfway_through_its_body_leaves_no_traceback(tight: Server) -> None:
+def test_a_client_that_leaves_halfway_through_its_body_leaves_no_traceback(tight: ServeProcess) -> None:
     with connect(tight.port) as sock:
         sock.sendall(post_head(len(STREAM_BODY)) + STREAM_BODY[:10])
         time.sleep(0.1)
@@ -265,7 +212,7 @@ def test_a_client_that_leaves_halfway_through_its_body_leaves_no_traceback(tight
     assert "Exception in ASGI application" not in tight.log.read_text(errors="replace")
 
 
-def test_a_body_that_trickles_without_pause_is_cut_at_the_deadline_all_the_same(tight: Server) -> None:
+def test_a_body_that_trickles_without_pause_is_cut_at_the_deadline_all_the_same(tight: ServeProcess) -> None:
     # A deadline for the whole body, not for the silence between two bytes (nginx's client_body_timeout):
     # one byte every 50 ms never leaves the connection silent for long.
     body = b'{"prompt": "' + b"a" * 200 + b'"}'
@@ -283,7 +230,7 @@ def test_a_body_that_trickles_without_pause_is_cut_at_the_deadline_all_the_same(
     assert BODY_TIMEOUT * 0.8 <= waited <= BODY_TIMEOUT + 5, waited
 
 
-def test_a_body_that_trickles_on_after_its_answer_is_cut_at_the_deadline(tight: Server) -> None:
+def test_a_body_that_trickles_on_after_its_answer_is_cut_at_the_deadline(tight: ServeProcess) -> None:
     # Over --max-body by its Content-Length: the app answers 413 at once, without reading it; the body
     # still arrives (the connection is kept alive), and is held to the same deadline.
     with connect(tight.port) as sock:
@@ -306,7 +253,7 @@ def test_a_body_that_trickles_on_after_its_answer_is_cut_at_the_deadline(tight: 
     assert BODY_TIMEOUT * 0.8 <= waited <= BODY_TIMEOUT + 5, waited
 
 
-def test_a_body_sent_in_parts_within_the_deadline_starts_its_stream(tight: Server) -> None:
+def test_a_body_sent_in_parts_within_the_deadline_starts_its_stream(tight: ServeProcess) -> None:
     with connect(tight.port) as sock:
         sock.sendall(post_head(len(STREAM_BODY)) + STREAM_BODY[:10])
         time.sleep(BODY_TIMEOUT * 0.4)
@@ -321,7 +268,7 @@ def test_a_stream_outlives_both_deadlines(tmp_path: Path) -> None:
     # Even with a stray CRLF after the body (RFC 9112, 2.2: some clients send one), which starts the
     # wait for the next head while the stream still runs.
     deadline = 0.15
-    with serve(tmp_path, "--head-timeout", str(deadline), "--body-timeout", str(deadline)) as server:
+    with run_tokenwire_serve(tmp_path, "--head-timeout", str(deadline), "--body-timeout", str(deadline)) as server:
         body = b'{"prompt": "hi"}'  # the whole script: ~22 tokens, 20 ms apart
         with connect(server.port) as sock:
             sock.sendall(post_head(len(body)) + body)
@@ -342,20 +289,20 @@ def head_with_header_section_of(size: int) -> bytes:
     return b"GET /healthz HTTP/1.1\r\n" + fixed[:-4] + b"a" * (size - len(fixed)) + b"\r\n\r\n"
 
 
-def test_a_header_section_over_the_cap_gets_a_json_431(tight: Server) -> None:
+def test_a_header_section_over_the_cap_gets_a_json_431(tight: ServeProcess) -> None:
     with connect(tight.port) as sock:
         sock.sendall(head_with_header_section_of(MAX_HEADER_BYTES + 1))
         _, message = json_error(read_to_eof(sock), 431, "too_large")
     assert f"over {MAX_HEADER_BYTES} bytes" in message and "--max-header-bytes" in message
 
 
-def test_a_header_section_of_exactly_the_cap_is_served(tight: Server) -> None:
+def test_a_header_section_of_exactly_the_cap_is_served(tight: ServeProcess) -> None:
     with connect(tight.port) as sock:
         sock.sendall(head_with_header_section_of(MAX_HEADER_BYTES))
         assert parse(read_to_eof(sock))[0] == 200
 
 
-def test_an_endless_header_is_refused_as_it_passes_the_cap(tight: Server) -> None:
+def test_an_endless_header_is_refused_as_it_passes_the_cap(tight: ServeProcess) -> None:
     # Answered while the header still arrives: not after buffering all of it.  64 KiB every 20 ms at most
     # (10 MiB would take 3.2 s), so that what is measured is the server, not how fast a client can write.
     chunk = b"a" * 65536
@@ -378,7 +325,7 @@ def test_an_endless_header_is_refused_as_it_passes_the_cap(tight: Server) -> Non
 
 
 def test_eight_100_mb_headers_grow_the_servers_rss_by_less_than_50_mb(tmp_path: Path) -> None:
-    with serve(tmp_path) as server:  # the default cap, 64 KiB
+    with run_tokenwire_serve(tmp_path) as server:  # the default cap, 64 KiB
         for _ in range(3):  # warm up what a request allocates once
             assert get_healthz(server.port) == 200
         before = server.rss_kib()
@@ -426,7 +373,7 @@ def test_eight_100_mb_headers_grow_the_servers_rss_by_less_than_50_mb(tmp_path: 
         stop.set()
         sampler.join()
         if hwm_reset:
-            peak[0] = max(peak[0], _status_kib(server.pid, "VmHWM"))
+            peak[0] = max(peak[0], status_kib(server.pid, "VmHWM"))
         growth_mib = (peak[0] - before) / 1024
         sent_mib = [s >> 20 for s in sent]
         print(f"RSS {before / 1024:.1f} MiB before, +{growth_mib:.1f} MiB at most; MiB sent: {sent_mib}")
@@ -440,7 +387,7 @@ def test_eight_100_mb_headers_grow_the_servers_rss_by_less_than_50_mb(tmp_path: 
 
 def test_connections_over_the_cap_get_a_json_503_and_are_closed(tmp_path: Path) -> None:
     cap = 20
-    with serve(tmp_path, "--max-connections", str(cap)) as server:
+    with run_tokenwire_serve(tmp_path, "--max-connections", str(cap)) as server:
         idle = [connect(server.port) for _ in range(cap - 1)]
         try:
             # Control: the cap-th connection is served.
@@ -477,7 +424,7 @@ def test_idle_connections_past_the_fd_limit_do_not_lock_requests_out(tmp_path: P
     # Issue 13: with 1024 file descriptors, 1100 idle connections locked out every new request (accept()
     # failed with EMFILE and the rest waited in the listen queue).  The cap is fitted under the limit, so
     # a new request gets its 503 at once instead.  Here, 512 descriptors and 600 idle connections.
-    with serve(tmp_path, "--max-streams", "64", fd_limit=512) as server:
+    with run_tokenwire_serve(tmp_path, "--max-streams", "64", fd_limit=512) as server:
         idle: list[socket.socket] = []
         try:
             for _ in range(600):

@@ -8,46 +8,23 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
 
-from fakes import free_port, serve_app, wait_until
+from fakes import run_tokenwire_serve, serve_app, wait_until
 from tokenwire import Settings, create_app
 from tokenwire import _server
 from tokenwire._server import MAX_TARGET_BYTES, HttpProtocol
 
-TOKENWIRE = Path(sys.executable).parent / "tokenwire"
 PREFIX = b"/api/stream/"
 
 
 @pytest.fixture(scope="module")
 def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    argv = [str(TOKENWIRE), "serve", "--provider", "scripted", "--host", "127.0.0.1", "--port", str(port),
-            "--log-level", "warning"]  # fmt: skip
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        if not wait_until(lambda: process.poll() is not None or _healthy(port), timeout=30) or process.poll():
-            raise RuntimeError(f"tokenwire serve did not start:\n{log_path.read_text(errors='replace')}")
-        yield port
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def _healthy(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+    with run_tokenwire_serve(tmp_path_factory.mktemp("serve")) as server:
+        yield server.port
 
 
 def get(target: bytes) -> bytes:
