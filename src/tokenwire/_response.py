@@ -96,6 +96,10 @@ class EventStreamResponse:
             # cursor older than the bounded log or past its end gets a JSON error.
             backlog = await relay.store.read(stream_id, self.after, timeout=0)
         except (LogTrimmed, StreamNotFound, CursorAhead, StoreUnavailable) as exc:
+            if isinstance(exc, StoreUnavailable):
+                # A reader came and went: a stream just started for it is not left running for nobody.
+                relay.attach(stream_id)
+                relay.detach(stream_id, client_gone=True)
             await _json_error(exc)(scope, receive, send)
             return
         headers = [*SSE_HEADERS, (b"x-stream-id", stream_id.encode()), *self.headers]
