@@ -21,6 +21,8 @@ import httpx
 import pytest
 
 from fakes import ServeProcess, run_tokenwire_serve, status_kib, wait_until
+from tokenwire import ConfigError, Settings, create_app
+from tokenwire import _server
 
 HEAD_TIMEOUT = 0.5
 BODY_TIMEOUT = 0.5
@@ -470,3 +472,19 @@ def test_each_limit_is_a_flag_and_a_variable_with_a_safe_default() -> None:
                         ("max_connections", "0")):  # fmt: skip
         with pytest.raises(ConfigError, match="--" + name.replace("_", "-")):
             Settings.from_env({f"TOKENWIRE_{name.upper()}": value})
+
+
+def test_no_stream_cap_does_not_shrink_the_connection_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--max-streams 100000`` (no stream cap, as the bench runs) once lowered --max-connections to 1.
+
+    fit_fd_limit() counted an upstream socket for every allowed stream; streams beyond the connection
+    cap have no client connection, so the connection cap bounds them there too.
+    """
+    limit = 16384  # what the bench raises its own limit to
+    monkeypatch.setattr(_server.resource, "setrlimit", lambda *_: None)  # this process's limit stays as it is
+    monkeypatch.setattr(_server.resource, "getrlimit", lambda _: (limit, limit))
+    config = _server.create_config(create_app(Settings(provider="scripted")), Settings(max_streams=100_000))
+    assert config.http.limits.max_connections == Settings().max_connections  # type: ignore[union-attr]
+    monkeypatch.setattr(_server.resource, "getrlimit", lambda _: (300, 300))  # too few even for a small cap
+    with pytest.raises(ConfigError, match="open-file limit is 300"):
+        _server.create_config(create_app(Settings(provider="scripted")), Settings())

@@ -66,6 +66,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from ._config import Settings
+from ._exceptions import ConfigError
 from ._validation import RequestError
 
 logger = logging.getLogger("tokenwire.server")
@@ -78,6 +79,8 @@ REQUEST_LINE_SLACK = 64
 LINGER_SECONDS = 5.0
 #: The same for a connection refused at the connection cap: short, since it holds a file descriptor.
 OVERLOAD_LINGER_SECONDS = 1.0
+#: The fewest connections fit_fd_limit() lowers the cap to before it refuses to start.
+MIN_CONNECTIONS = 64
 #: File descriptors kept for what is not a client connection: listening socket, logs, Redis, the
 #: upstream client's idle pool (32)... on top of one upstream socket per running stream.
 OTHER_FDS = 128
@@ -467,7 +470,12 @@ def fit_fd_limit(limits: ConnectionLimits, other_fds: int) -> ConnectionLimits:
     if soft >= need:
         return limits
     # cap + cap // 8 + 16 (the overflow) + other_fds <= soft
-    fitting = max(1, (soft - other_fds - 16) * 8 // 9)
+    fitting = (soft - other_fds - 16) * 8 // 9
+    if fitting < MIN_CONNECTIONS:  # a server of a handful of connections is a misconfiguration, not a cap
+        raise ConfigError(
+            f"the open-file limit is {soft} (ulimit -n), too low for even {MIN_CONNECTIONS} connections besides "
+            f"{other_fds} other files: raise it, or lower --max-streams"
+        )
     logger.warning(
         "the open-file limit is %d (ulimit -n): --max-connections lowered from %d to %d so that connections "
         "are refused with 503 before file descriptors run out; raise the limit (LimitNOFILE= in a systemd "
@@ -482,8 +490,9 @@ def create_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
 
     Raises the process's open-file limit if the connection cap needs it (:func:`fit_fd_limit`).
     """
-    # One upstream socket per running stream, besides its client's connection.
-    other_fds = settings.max_streams + OTHER_FDS
+    # One upstream socket per running stream, besides its client's connection; streams beyond the
+    # connection cap have no client to hold them (--max-streams 100000 means "no stream cap", not 100000 fds).
+    other_fds = min(settings.max_streams, settings.max_connections) + OTHER_FDS
     limits = fit_fd_limit(ConnectionLimits.from_settings(settings), other_fds=other_fds)
     return uvicorn.Config(
         app,
