@@ -8,6 +8,7 @@ stopped reading.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import sys
 import threading
@@ -18,6 +19,7 @@ from contextlib import suppress
 import pytest
 
 from tokenwire import ConfigError, Finish, GenerationRequest, ProviderError, Queued, Token
+from tokenwire.providers.base import StopSignal, current_stop
 from tokenwire.providers.local import (
     SWITCH_INTERVAL,
     LocalProvider,
@@ -105,12 +107,16 @@ def test_max_tokens_finishes_with_length(provider: LocalProvider) -> None:
     assert finish.usage is not None and finish.usage.completion_tokens == 5
 
 
-@pytest.mark.parametrize("how", ["aclose", "cancel-task"])
+@pytest.mark.parametrize("how", ["aclose", "cancel-task", "stop-signal"])
 def test_cancel_mid_generation_stops_within_one_token(provider: LocalProvider, how: str) -> None:
+    """``stop-signal``: the relay's level-triggered stop alone, no cancellation delivered to the task."""
     before = wait_idle(provider)
 
     async def main() -> int:
         five_tokens = asyncio.Event()
+        signal = StopSignal()
+        context = contextvars.copy_context()
+        context.run(current_stop.set, signal)
 
         async def consume(events: AsyncIterator[object]) -> None:
             received = 0
@@ -122,11 +128,15 @@ def test_cancel_mid_generation_stops_within_one_token(provider: LocalProvider, h
                         return
 
         events = provider.stream(ask(STORY, max_tokens=500))
-        task = asyncio.create_task(consume(events))
+        task = asyncio.create_task(consume(events), context=context)
         await five_tokens.wait()
         if how == "aclose":
             await task
             await events.aclose()  # type: ignore[attr-defined]
+        elif how == "stop-signal":
+            signal.stop("the test stops it")
+            async with asyncio.timeout(2):  # the stream ends by itself: nobody cancels the task
+                await task
         else:
             task.cancel()
             with suppress(asyncio.CancelledError):
