@@ -189,8 +189,9 @@ def test_a_dead_replicas_slots_come_back_with_its_lease(tmp_path: Path, redis_ur
             store_a = app_a.state.relay.store
 
             async def die() -> None:
-                await cancel_and_wait(store_a._keeper)
-                store_a._keeper = None
+                for task in (store_a._leaser, store_a._keeper):
+                    await cancel_and_wait(task)
+                store_a._leaser = store_a._keeper = None
                 await store_a._control.delete(store_a._lease_prefix + store_a.replica_id)
 
             asyncio.run_coroutine_threadsafe(die(), store_a._keeper.get_loop()).result(5)

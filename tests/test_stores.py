@@ -660,8 +660,9 @@ def lost(seq: int) -> bytes:
 
 async def kill(store: RedisStore) -> None:
     """What SIGKILL does to a replica, as far as Redis can tell: its lease is no longer renewed."""
-    await cancel_and_wait(store._keeper)
-    store._keeper = None
+    for task in (store._leaser, store._keeper):
+        await cancel_and_wait(task)
+    store._leaser = store._keeper = None
     await store._control.delete(store._lease_prefix + store.replica_id)
 
 

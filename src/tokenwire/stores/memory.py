@@ -90,11 +90,13 @@ class MemoryStore(StreamStore):
         log = self._logs.get(stream_id)
         if log is None:
             raise StreamNotFound(stream_id)
-        if seq == log.last_seq and (terminal or not log.ended):
-            return  # a retry of an append that landed
-        if log.ended:
-            raise StreamEnded(stream_id)
-        assert seq == log.last_seq + 1, f"seq {seq} after {log.last_seq}"
+        last = log.first_seq + len(log.entries) - 1  # log.last_seq, inline: this runs for every token
+        if seq != last + 1 or log.ended:
+            if seq == last and (terminal or not log.ended):
+                return  # a retry of an append that landed
+            if log.ended:
+                raise StreamEnded(stream_id)
+            raise AssertionError(f"seq {seq} after {last}")
         log.entries.append(data)
         log.nbytes += len(data)
         limits = self.limits

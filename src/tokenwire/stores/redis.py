@@ -371,6 +371,7 @@ class RedisStore(StreamStore):
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
+        self._leaser: asyncio.Task[None] | None = None
         # Set by aclose() before it cancels the background tasks, which check it after every await:
         # a cancellation that redis-py swallows (see _relay) must not keep them looping forever.
         self._closing = False
@@ -410,9 +411,12 @@ class RedisStore(StreamStore):
         self._pubsub = pubsub
         self._listener = asyncio.create_task(self._listen(pubsub), name="tokenwire-redis-cancel-listener")
         self._keeper = asyncio.create_task(self._keep(), name="tokenwire-redis-keeper")
+        self._leaser = asyncio.create_task(self._hold_lease(), name="tokenwire-redis-lease")
 
     async def aclose(self) -> None:
         self._closing = True
+        await cancel_and_wait(self._leaser)
+        self._leaser = None
         await cancel_and_wait(self._keeper)
         self._keeper = None
         await cancel_and_wait(self._listener)
@@ -451,12 +455,10 @@ class RedisStore(StreamStore):
         return self._unavailable()
 
     async def _keep(self) -> None:
-        """Renew this replica's lease; end streams whose owner is gone; while Redis is down, probe it."""
+        """End streams whose owner is gone; while Redis is down, probe it; once it is back, catch up."""
         loop = asyncio.get_running_loop()
-        renew_every = self.lease_ttl / 4
-        next_renewal = loop.time() + renew_every
         while not self._closing:
-            await asyncio.sleep(min(_PROBE_INTERVAL, renew_every))
+            await asyncio.sleep(_PROBE_INTERVAL)
             try:
                 if self._down_since is not None:
                     await self._control.ping()
@@ -467,10 +469,7 @@ class RedisStore(StreamStore):
                     )
                     self._down_since = None
                     self._lost_data = True
-                    next_renewal = 0.0
-                if loop.time() >= next_renewal:
-                    await self._renew_lease()
-                    next_renewal = loop.time() + renew_every
+                    await self._renew_lease()  # before anything else: readers elsewhere check it
                 if self._lost_data:
                     await self._restore_missing()
                     await self._recount_slots()
@@ -481,6 +480,20 @@ class RedisStore(StreamStore):
                 self._went_down(exc)
             except Exception:
                 logger.exception("the Redis store's keeper failed a round")
+
+    async def _hold_lease(self) -> None:
+        """Renew this replica's lease every lease_ttl / 4, in a task of its own: a long catch-up after an
+        outage (the keeper writing out buffered events) must not let it lapse."""
+        while not self._closing:
+            await asyncio.sleep(self.lease_ttl / 4)
+            if self._down_since is not None:
+                continue  # the keeper renews it the moment Redis is back
+            try:
+                await self._renew_lease()
+            except _UNREACHABLE as exc:
+                self._went_down(exc)
+            except Exception:
+                logger.exception("cannot renew this replica's lease in Redis")
 
     async def _renew_lease(self) -> None:
         await self._control.set(self._lease_prefix + self.replica_id, b"1", px=_ms(self.lease_ttl))
