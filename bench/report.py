@@ -384,7 +384,7 @@ def _faults(r: dict[str, Any]) -> list[str]:
     lines = [
         "## Faults (issue 12)",
         "",
-        "`bench/faults.py` runs the scenarios of `tests/test_redis_promises.py` (`tests/replicas.py`): "
+        "`bench/faults.py` runs the scenarios of `tests/test_redis_promises.py` (`tests/fault_scenarios.py`): "
         "`tokenwire serve` processes (memory: one; Redis: two sharing one `redis-server`) and the tests' fake "
         f"upstream. **Cancels**: {f['cancels']} per store and path, 50 at a time, by DELETE on the replica "
         "running the stream, DELETE on the other one, or the client closing the connection; a fifth before the "
