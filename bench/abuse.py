@@ -111,15 +111,23 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 # -- attacks: each runs until ``stop`` is set ---------------------------------------------------------
 
 
+async def _connect(port: int, tally: Tally) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """A new connection, counted; None (counted too, after a short pause) when the server refuses it."""
+    try:
+        connection = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        tally.ended["connect failed"] += 1
+        await asyncio.sleep(0.1)
+        return None
+    tally.opened += 1
+    return connection
+
+
 async def _slowloris(port: int, stop: asyncio.Event, tally: Tally) -> None:
     while not stop.is_set():
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            tally.ended["connect failed"] += 1
-            await asyncio.sleep(0.1)
+        if (connection := await _connect(port, tally)) is None:
             continue
-        tally.opened += 1
+        reader, writer = connection
         try:
             writer.write(HALF_HEAD)
             answer = await _until(_read_answer(reader), stop)
@@ -131,13 +139,9 @@ async def _slowloris(port: int, stop: asyncio.Event, tally: Tally) -> None:
 
 async def _slow_body(port: int, stop: asyncio.Event, tally: Tally) -> None:
     while not stop.is_set():
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            tally.ended["connect failed"] += 1
-            await asyncio.sleep(0.1)
+        if (connection := await _connect(port, tally)) is None:
             continue
-        tally.opened += 1
+        reader, writer = connection
         try:
             writer.write(SLOW_BODY_HEAD)
             answered = asyncio.ensure_future(_read_answer(reader))
