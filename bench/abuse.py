@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .loadgen import percentile
-from .servers import BIN, Server, free_port, rss_kib
+from .servers import Server, rss_kib, tokenwire_serve
 
 HEAD_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 4.0
@@ -65,12 +65,7 @@ STREAM = (
 
 
 def server(port: int | None = None) -> Server:
-    port = port or free_port()
-    argv = [
-        str(BIN / "tokenwire"), "serve", "--provider", "scripted", "--host", "127.0.0.1", "--port", str(port),
-        "--log-level", "warning", *SERVER_FLAGS,
-    ]  # fmt: skip
-    return Server("tokenwire-abuse", argv, port)
+    return tokenwire_serve("tokenwire-abuse", "--provider", "scripted", *SERVER_FLAGS, port=port)
 
 
 def _status(answer: bytes) -> str:

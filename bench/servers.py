@@ -111,14 +111,17 @@ def _http_ok(port: int, path: str) -> bool:
         return False
 
 
-def tokenwire(upstream_url: str, *, port: int | None = None) -> Server:
+def tokenwire_serve(name: str, *flags: str, port: int | None = None) -> Server:
+    """``tokenwire serve`` on loopback with ``flags`` (its provider among them): its argv, made in one place."""
     port = port or free_port()
-    argv = [
-        str(BIN / "tokenwire"), "serve", "--provider", "openai", "--base-url", upstream_url,
-        "--model", "fake", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-        *NO_ADMISSION_LIMITS,
-    ]  # fmt: skip
-    return Server("tokenwire", argv, port)
+    argv = [str(BIN / "tokenwire"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--log-level", "warning"]
+    return Server(name, [*argv, *flags], port)
+
+
+def tokenwire(upstream_url: str, *, port: int | None = None) -> Server:
+    flags = ["--provider", "openai", "--base-url", upstream_url, "--model", "fake", *NO_ADMISSION_LIMITS]
+    return tokenwire_serve("tokenwire", *flags, port=port)
 
 
 def baseline(name: str, module: str, upstream_url: str, *, port: int | None = None) -> Server:
@@ -140,9 +143,4 @@ def relays(upstream_url: str) -> list[Server]:
 
 
 def local_tokenwire(*, port: int | None = None) -> Server:
-    port = port or free_port()
-    argv = [
-        str(BIN / "tokenwire"), "serve", "--provider", "local", "--host", "127.0.0.1", "--port", str(port),
-        "--log-level", "warning", *NO_ADMISSION_LIMITS,
-    ]  # fmt: skip
-    return Server("tokenwire-local", argv, port)
+    return tokenwire_serve("tokenwire-local", "--provider", "local", *NO_ADMISSION_LIMITS, port=port)

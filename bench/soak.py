@@ -49,7 +49,7 @@ import httptools
 from tokenwire._sse import SSEDecoder
 
 from .loadgen import _cpu_seconds
-from .servers import BIN, Server, free_port, rss_kib
+from .servers import Server, rss_kib, tokenwire_serve
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 
@@ -229,12 +229,8 @@ def store_label(store: str) -> str:
 
 def server_for(store: str, *, port: int | None = None) -> Server:
     """``tokenwire serve --provider scripted`` with ``store`` ("memory" or a redis:// URL), default limits."""
-    port = port or free_port()
-    argv = [
-        str(BIN / "tokenwire"), "serve", "--provider", "scripted", "--host", "127.0.0.1", "--port", str(port),
-        "--log-level", "warning", "--store", store,
-    ]  # fmt: skip
-    return Server(f"tokenwire-soak-{store_label(store)}", argv, port)
+    name = f"tokenwire-soak-{store_label(store)}"
+    return tokenwire_serve(name, "--provider", "scripted", "--store", store, port=port)
 
 
 @contextmanager
