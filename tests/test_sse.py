@@ -28,6 +28,7 @@ from tokenwire._events import (
 )
 from tokenwire._sse import (
     KEEPALIVE,
+    OPENING,
     EventDecoder,
     LineDecoder,
     ServerSentEvent,
@@ -159,12 +160,12 @@ def test_keepalive_is_a_comment() -> None:
     assert KEEPALIVE.endswith(b"\n\n")
 
 
-def test_encode_retry_sets_retry_without_dispatching() -> None:
+def test_opening_and_retry_dispatch_only_the_first_event() -> None:
     decoder = SSEDecoder()
-    assert decoder.decode(encode_retry(1500)) == []
+    assert decoder.decode(OPENING + encode_retry(1500)) == []
     assert decoder.retry == 1500
     (event,) = decoder.decode(encode_event(1, Token("x")))
-    assert event.retry == 1500
+    assert (event.id, event.retry) == ("1", 1500)
 
 
 EVENTS = [

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse
 
-from ._sse import KEEPALIVE, encode_retry
+from ._sse import KEEPALIVE, OPENING, encode_retry
 from .stores.base import CursorAhead, LogTrimmed, ReadResult, StoreUnavailable, StreamNotFound
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ class EventStreamResponse:
         self.writer: asyncio.Task[object] | None = None
         self.dropped = False
         self.closing = False  # the sender is being stopped: it checks this after every read
+        self.preamble = b""  # the ``retry:`` field, until it goes out with the first event
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._loop_time = asyncio.get_running_loop().time
@@ -111,7 +112,8 @@ class EventStreamResponse:
         try:
             await self._send(send, {"type": "http.response.start", "status": 200, "headers": headers})
             # The first body bytes flush the headers through any proxy at once.
-            await self._send(send, _body(encode_retry(relay.options.retry_ms)))
+            await self._send(send, _body(OPENING))
+            self.preamble = encode_retry(relay.options.retry_ms)
             # The body skips the middleware, which only looks at the response start.
             # Following the log means running the server's send inside the generation's task: only
             # with the server's own send (tokenwire's app), never a middleware's.
@@ -176,7 +178,7 @@ class EventStreamResponse:
                 next_touch = now + lease / 3
             if result.entries:
                 entries = result.entries
-                await self._send(send, _body(entries[0] if len(entries) == 1 else b"".join(entries)))
+                await self._send_events(send, entries[0] if len(entries) == 1 else b"".join(entries))
                 last_write = loop.time()
             if result.ended:
                 return
@@ -188,7 +190,7 @@ class EventStreamResponse:
             if lease:
                 wait = min(wait, next_touch - now)
             after = result.next_seq
-            if follow:
+            if follow and not self.preamble:  # the first event goes out here, with the preamble
                 follower = _Follower(self, send, after)
                 if store.follow(stream_id, after, follower):
                     try:
@@ -214,14 +216,14 @@ class EventStreamResponse:
                     raise asyncio.CancelledError
             except (StoreUnavailable, StreamNotFound) as exc:
                 if isinstance(exc, StreamNotFound) and not (after and store.outage_timeout):
-                    await self._send(send, _body(_error_event(exc)))
+                    await self._send_events(send, _error_event(exc))
                     return
                 ridden_out, last_write = await self._ride_out(send, after, last_write)
                 if ridden_out is None:
                     return
                 result = ridden_out
             except (LogTrimmed, CursorAhead) as exc:
-                await self._send(send, _body(_error_event(exc)))
+                await self._send_events(send, _error_event(exc))
                 return
             now = loop.time()
 
@@ -247,8 +249,13 @@ class EventStreamResponse:
             except (StoreUnavailable, StreamNotFound):
                 continue
         logger.warning("stream_id=%s: the store stayed unavailable; ending the response", self.meta.stream_id)
-        await self._send(send, _body(_error_event(StoreUnavailable())))
+        await self._send_events(send, _error_event(StoreUnavailable()))
         return None, last_write
+
+    async def _send_events(self, send: Send, data: bytes) -> None:
+        if self.preamble:
+            data, self.preamble = self.preamble + data, b""
+        await self._send(send, _body(data))
 
     async def _send(self, send: Send, message: dict) -> None:
         await self._complete(send(message), len(message.get("body", b"")), since=self._loop_time())

@@ -26,11 +26,16 @@ import re
 from dataclasses import dataclass
 
 KEEPALIVE = b": keepalive\n\n"
+#: A stream's first bytes: a comment, which flushes the headers through any proxy
+#: and which every parser skips.  (A block holding only ``retry:`` is dispatched by
+#: lenient parsers such as httpx-sse as an event with empty data.)
+OPENING = b": stream\n\n"
 _LINE_END = re.compile("\r\n|\r|\n")
 
 
 def encode_retry(milliseconds: int) -> bytes:
-    return b"retry: %d\n\n" % milliseconds
+    """A ``retry:`` field, sent in the same block as a stream's first event."""
+    return b"retry: %d\n" % milliseconds
 
 
 @dataclass(slots=True)  # not frozen: one is made per upstream token, and frozen costs 3x
