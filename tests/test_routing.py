@@ -87,7 +87,7 @@ OPENAI = '[models.a]\nprovider = "openai"\nbase_url = "http://x/v1"\n'
         ('default = "c"\n' + OPENAI, "default = 'c' is not one of the models: a"),
         ("default = 1\n" + OPENAI, "default = 1 is not one of the models"),
         ('colour = "blue"\n' + OPENAI, "unknown key 'colour'"),
-        ('[models.a]\nprovider = "gpt"\n', r"\[models.a\]: provider must be one of openai, anthropic"),
+        ('[models.a]\nprovider = "gpt"\n', r"\[models.a\]: provider must be one of local, openai, anthropic"),
         ("[models.a]\nbase_url = 'http://x'\n", "provider must be one of"),
         ('[models.a]\nprovider = "openai"\n', "needs base_url"),
         (OPENAI + 'url = "http://y"\n', "unknown key 'url'; the keys are: provider, base_url"),

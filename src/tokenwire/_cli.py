@@ -9,8 +9,9 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 
-from ._config import PROVIDERS, Settings
+from ._config import Settings, flag_name, setting_info, shown_default
 from ._exceptions import ClientError, ConfigError, TokenwireHTTPError
 
 
@@ -22,39 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the server (every flag also reads TOKENWIRE_<FLAG>)")
-    # Defaults are None so that TOKENWIRE_* variables and Settings' defaults apply.
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind (default 8000)")
-    serve.add_argument("--provider", choices=PROVIDERS, help="model backend (default local)")
-    serve.add_argument("--base-url", help="upstream base URL for openai/anthropic, e.g. http://127.0.0.1:8080/v1")
-    serve.add_argument("--model", help="model name sent upstream / reported in start events")
-    serve.add_argument("--model-path", help="GGUF file for the local provider (default: bundled SmolLM2-135M)")
-    serve.add_argument("--api-key-env", help="name of the environment variable holding the upstream API key")
-    serve.add_argument("--heartbeat", type=float, help="seconds of silence before a keepalive comment (15)")
-    serve.add_argument("--max-duration", type=float, help="deadline of one generation in seconds (600)")
-    serve.add_argument("--resume-grace", type=float, help="seconds a resumable stream outlives its client (30)")
-    serve.add_argument("--retry-ms", type=int, help="reconnection delay sent to clients as 'retry:' (1000)")
-    serve.add_argument("--send-timeout", type=float, help="drop a client that stops reading after S s (30)")
-    serve.add_argument("--store", help="memory or redis://HOST:PORT/DB (default memory)")
-    serve.add_argument("--first-token-timeout", type=float, help="upstream silence before the first token (120)")
-    serve.add_argument("--idle-timeout", type=float, help="upstream silence between two tokens (60)")
-    serve.add_argument("--connect-timeout", type=float, help="upstream connect timeout (10)")
-    serve.add_argument("--max-body", type=int, help="request body limit in bytes (1 MiB)")
-    serve.add_argument("--auth-keys-file", help="require 'Authorization: Bearer <key>' with a key from this file")
-    serve.add_argument("--max-streams", type=int, help="streams running at once before 503 (512)")
-    serve.add_argument("--max-streams-per-key", type=int, help="streams per API key before 429 (32)")
-    serve.add_argument("--head-timeout", type=float,
-                       help="seconds for a request's line and headers to arrive; then 408 and close (10)")
-    serve.add_argument("--body-timeout", type=float,
-                       help="seconds for a whole request body to arrive after its headers; then 408, close (30)")
-    serve.add_argument("--max-header-bytes", type=int,
-                       help="size of a request's header section before 431 (65536; the request line: 64 KiB)")
-    serve.add_argument("--max-connections", type=int,
-                       help="open connections before new ones get 503; every running stream and resume holds "
-                       "one, as does each idle keep-alive connection: keep it above --max-streams (2048)")
-    serve.add_argument("--config", help="routes file (TOML): model -> provider, base_url, model, api_key_env")
-    serve.add_argument("--cors-origins", help="comma-separated origins allowed to call the API (CORS off by default)")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    add_settings_arguments(serve)
 
     ask = commands.add_parser("ask", help="stream an answer to the terminal")
     ask.add_argument("prompt")
@@ -69,6 +38,28 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"environment variable holding the server's API key (default {ASK_KEY_ENV}; none if unset)",
     )
     return parser
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """A flag per field of :class:`Settings`, described by the field."""
+    for f in fields(Settings):
+        info = setting_info(f)
+        words = [info.help.replace("%", "%%")]
+        if info.choices is not None:
+            words.append("one of %(choices)s")  # expanded (plugins read) only when the help is shown
+        default = shown_default(f)
+        if default:
+            words.append(f"default: {default}".replace("%", "%%"))
+        parser.add_argument(
+            flag_name(f.name),
+            type=type(f.default),
+            choices=info.choices,
+            # With choices and no metavar, argparse would list them (and read every plugin) right here.
+            metavar=f.name.upper(),
+            # None, so that TOKENWIRE_* variables and the field's default apply.
+            default=None,
+            help="; ".join(words),
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,17 +79,7 @@ def serve(args: argparse.Namespace) -> int:
     from ._app import create_app
     from ._server import create_config
 
-    overrides = {
-        name: getattr(args, name)
-        for name in (
-            "host", "port", "provider", "base_url", "model", "model_path", "api_key_env", "heartbeat",
-            "max_duration", "resume_grace", "send_timeout", "store", "log_level", "first_token_timeout",
-            "idle_timeout", "connect_timeout", "max_body", "auth_keys_file", "max_streams", "max_streams_per_key",
-            "cors_origins", "config", "retry_ms", "head_timeout", "body_timeout", "max_header_bytes",
-            "max_connections",
-        )
-    }
-    settings = Settings.from_env(**overrides)
+    settings = Settings.from_env(**{f.name: getattr(args, f.name) for f in fields(Settings)})
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     server = uvicorn.Server(create_config(app, settings))

@@ -6,7 +6,7 @@ client may ask for, and where each one is served::
     default = "small"
 
     [models.small]
-    provider = "openai"                     # openai | anthropic | local | scripted
+    provider = "openai"                     # local, openai, anthropic, scripted or a plugin's name
     base_url = "http://127.0.0.1:8080/v1"
     model = "SmolLM2"                       # the name sent upstream (default: the route's name)
     api_key_env = "OPENAI_API_KEY"
@@ -32,8 +32,7 @@ from typing import Any
 from .._events import ProviderEvent
 from .._exceptions import ConfigError, ProviderError
 from .base import GenerationRequest, Provider
-
-ROUTE_PROVIDERS = ("openai", "anthropic", "local", "scripted")
+from .registry import PROVIDER_NAMES
 
 
 class RoutedProvider(Provider):
@@ -167,8 +166,8 @@ def _route(name: str, table: Any, path: str) -> Route:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {key} must be a string, e.g. {key} = \"...\"")
     provider = table.get("provider")
-    if provider not in ROUTE_PROVIDERS:
-        raise ConfigError(f"{where}: provider must be one of {', '.join(ROUTE_PROVIDERS)} (got {provider!r})")
+    if provider not in PROVIDER_NAMES:
+        raise ConfigError(f"{where}: provider must be one of {', '.join(PROVIDER_NAMES)} (got {provider!r})")
     if provider == "openai" and not table.get("base_url"):
         raise ConfigError(f"{where}: provider \"openai\" needs base_url, e.g. base_url = \"http://127.0.0.1:8080/v1\"")
     return Route(name=name, **table)
