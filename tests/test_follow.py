@@ -14,12 +14,12 @@ from typing import Any
 
 import httpx
 
-from fakes import iter_events, post_without_reading, serve_app, wait_until
-from tokenwire import Relay, ScriptedProvider, Settings, create_app
+from fakes import iter_events, post_without_reading, run_async, serve_app, wait_until
+from tokenwire import EventStreamResponse, Relay, ScriptedProvider, Settings, create_app
 from tokenwire._response import SERVER_SEND, _finish
 from tokenwire._sse import SSEDecoder
 from tokenwire.providers.base import GenerationRequest
-from tokenwire.stores.base import StreamMeta
+from tokenwire.stores.base import LogLimits, StreamMeta
 from tokenwire.stores.memory import MemoryStore
 
 TOKENS = [f"<{i:04d}>" + "x" * 500 for i in range(400)]
@@ -95,7 +95,8 @@ def test_a_write_that_fails_while_following_ends_the_response_not_the_generation
     async def main() -> tuple[list[bytes], str]:
         relay = Relay(ScriptedProvider(tokens=["t"] * 1000, interval=0.001))
         async with relay:
-            response = await relay.respond(GenerationRequest.from_prompt("hi"))
+            meta, _ = await relay.start(GenerationRequest.from_prompt("hi"))
+            response = EventStreamResponse(relay, meta)
             bodies: list[bytes] = []
 
             async def server_send(message: dict[str, Any]) -> None:
@@ -213,3 +214,45 @@ def test_the_memory_store_hands_appends_to_its_followers_only_at_the_live_end() 
         assert (await store.read("s", 0, timeout=0)).entries == [b"one", b"2", b"3", b"4", b"end"]
 
     asyncio.run(main())
+
+
+def test_a_reader_that_falls_behind_the_log_ends_with_an_error_whose_id_is_its_cursor() -> None:
+    """A reader's own terminal error is not in the log: its id is the last event it was sent.
+
+    So that ``Last-Event-ID`` stays the cursor to resume from, in every client.
+    """
+
+    async def main() -> list[bytes]:
+        store = MemoryStore(LogLimits(max_events=20))
+        relay = Relay(ScriptedProvider(tokens=["t"] * 200, interval=0.001), store=store)
+        async with relay:
+            meta, _ = await relay.start(GenerationRequest.from_prompt("hi"), resumable=True)
+            response = EventStreamResponse(relay, meta)
+            bodies: list[bytes] = []
+            reading = asyncio.Event()
+
+            async def send(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.body" and message["body"]:
+                    bodies.append(message["body"])
+                    if len(bodies) == 2:
+                        await reading.wait()  # the client stops reading while the model goes on
+
+            async def receive() -> dict[str, Any]:
+                await asyncio.Future()  # the client never leaves
+                raise AssertionError
+
+            task = asyncio.create_task(response({"type": "http"}, receive, send))
+            while len(bodies) < 2 or relay.active_streams:  # the whole answer is written, and all but 20 events trimmed
+                await asyncio.sleep(0.01)
+            reading.set()
+            await asyncio.wait_for(task, 5)
+        return bodies
+
+    bodies = run_async(main)
+    events = SSEDecoder().decode(b"".join(bodies))
+    assert len(events) >= 2, bodies
+    cursor = int(events[-2].id)
+    last = events[-1]
+    assert json.loads(last.data)["error"]["type"] == "gone"
+    assert last.id == str(cursor), "the error's id is the reader's cursor, not a seq it never got"
+    assert all(event.id for event in events), "every event, the terminal error included, has an id"

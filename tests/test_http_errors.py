@@ -59,7 +59,7 @@ def json_error(answer: tuple[int, dict[str, str], bytes], status: int, error_typ
 def test_a_100_kb_stream_id_gets_a_json_414(port: int) -> None:
     answer = exchange(port, get(PREFIX + b"a" * 100_000))
     message = json_error(answer, 414, "invalid_request")
-    assert json.loads(answer[2]) == {"error": {"type": "invalid_request", "message": message}}
+    assert json.loads(answer[2]) == {"error": {"type": "invalid_request", "message": message, "retryable": False}}
     assert f"longer than {MAX_TARGET_BYTES} bytes" in message
 
 
@@ -74,7 +74,7 @@ def test_a_target_with_raw_bytes_beyond_ascii_gets_a_json_400(port: int) -> None
     for target in (PREFIX + b"\xff\xfe", PREFIX + b"\xc3\xa9", PREFIX + b"str_x?after=\xff"):
         answer = exchange(port, get(target))
         message = json_error(answer, 400, "invalid_request")
-        assert json.loads(answer[2]) == {"error": {"type": "invalid_request", "message": message}}
+        assert json.loads(answer[2]) == {"error": {"type": "invalid_request", "message": message, "retryable": False}}
         assert "percent-encode" in message, message
 
 

@@ -5,14 +5,17 @@ from ._client import stream_tokens
 from ._config import Settings
 from ._events import Done, Error, Finish, Queued, Reasoning, Start, Token, Usage, UsageUpdate, encode_event
 from ._exceptions import (
+    AdmissionRefused,
     ClientError,
     ConfigError,
+    IdempotencyConflict,
     ProviderError,
+    RequestError,
     StreamCut,
     TokenwireError,
     TokenwireHTTPError,
 )
-from ._relay import AdmissionRefused, Relay, RelayOptions
+from ._relay import Relay, RelayOptions
 from ._response import EventStreamResponse
 from ._sse import ServerSentEvent, SSEDecoder
 from .providers.base import GenerationRequest, Provider
@@ -29,12 +32,14 @@ __all__ = [
     "EventStreamResponse",
     "Finish",
     "GenerationRequest",
+    "IdempotencyConflict",
     "Provider",
     "ProviderError",
     "Queued",
     "Reasoning",
     "Relay",
     "RelayOptions",
+    "RequestError",
     "SSEDecoder",
     "ScriptedProvider",
     "ServerSentEvent",

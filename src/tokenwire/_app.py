@@ -8,6 +8,7 @@ import logging
 from importlib import resources
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -18,9 +19,10 @@ from starlette.routing import Route
 
 from ._auth import KeyRing
 from ._config import Settings
-from ._relay import AdmissionRefused, IdempotencyConflict, Relay, fingerprint_of
-from ._response import SERVER_SEND, EventStreamResponse, store_unavailable_response
-from ._validation import RequestError, invalid, parse_stream_request
+from ._exceptions import AdmissionRefused, IdempotencyConflict, RequestError
+from ._relay import Relay, Slot, fingerprint_of
+from ._response import SERVER_SEND, EventStreamResponse, error_response, not_found, store_unavailable
+from ._validation import invalid, parse_stream_request
 from .providers.base import Provider
 from .stores.base import StoreUnavailable, StreamStore
 
@@ -28,10 +30,6 @@ logger = logging.getLogger("tokenwire")
 
 MAX_IDEMPOTENCY_KEY = 255
 HEALTH_CHECK_TIMEOUT = 1.0  # seconds /healthz waits for the store before calling it down
-
-
-def error_response(exc: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
 
 def _static(name: str) -> bytes:
@@ -90,57 +88,94 @@ def create_app(
             store=store if store is not None else settings.create_store(),
             options=settings.relay_options(),
         )
-    keys = KeyRing.from_file(settings.auth_keys_file) if settings.auth_keys_file else None
-    metrics = relay.metrics
+    routes = _Routes(relay, settings)
+    app = _App(
+        routes=routes.table(),
+        lifespan=relay.lifespan,
+        exception_handlers={
+            RequestError: routes.refuse,
+            StoreUnavailable: routes.refuse,
+            HTTPException: _http_error,
+            500: _internal_error,
+        },
+        middleware=_cors(settings.cors_origin_list()),
+    )
+    # "/api/stream/" is not "/api/stream": a JSON 404 that names the path, not a 307 to follow.
+    app.router.redirect_slashes = False
+    app.state.relay = relay
+    app.state.settings = settings
+    return app
 
-    def refuse(exc: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
-        metrics.refused[exc.error_type] += 1
-        return error_response(exc, headers)
 
-    def unavailable() -> JSONResponse:
-        metrics.refused["store_unavailable"] += 1
-        return store_unavailable_response()
+class _Routes:
+    """The API's routes, sharing one relay, its settings and the API keys.
 
-    def principal_of(request: Request) -> str:
+    A route refuses a request by raising :class:`RequestError` (or letting the
+    store's ``StoreUnavailable`` through): :meth:`refuse` answers it, in JSON.
+    """
+
+    def __init__(self, relay: Relay, settings: Settings) -> None:
+        self.relay = relay
+        self.settings = settings
+        self.keys = KeyRing.from_file(settings.auth_keys_file) if settings.auth_keys_file else None
+        self.index_html = _static("index.html")
+        self.client_js = _static("tokenwire.js")
+
+    def table(self) -> list[Route]:
+        return [
+            Route("/", self.index, methods=["GET"]),
+            Route("/tokenwire.js", self.client, methods=["GET"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/api/stream", self.post_stream, methods=["POST"]),
+            Route("/api/stream/{stream_id}", self.get_stream, methods=["GET"]),
+            Route("/api/stream/{stream_id}", self.delete_stream, methods=["DELETE"]),
+        ]
+
+    async def refuse(self, request: Request, exc: Exception) -> Response:
+        error = exc if isinstance(exc, RequestError) else store_unavailable()
+        self.relay.metrics.refused[error.error_type] += 1
+        return error_response(error)
+
+    def principal_of(self, request: Request) -> str:
         """Who is asking: "" when no keys are configured; raises 401 otherwise."""
-        if keys is None:
+        if self.keys is None:
             return ""
-        principal = keys.principal_for(request.headers.get("authorization"))
+        principal = self.keys.principal_for(request.headers.get("authorization"))
         if principal is None:
             raise RequestError(
                 401, "unauthorized", "send a valid API key as 'Authorization: Bearer <key>'", "Authorization"
             )
         return principal
 
-    index_html = _static("index.html")
-    client_js = _static("tokenwire.js")
-
-    async def post_stream(request: Request) -> Response:
+    async def admit(self, principal: str) -> Slot:
+        """A place under the stream caps, or 503 / 429."""
         try:
-            principal = principal_of(request)
-            # Before the body: a request counts toward the caps while its body arrives, and
-            # concurrent requests cannot all pass the check before any of them reserves.
-            slot = await relay.reserve(
+            return await self.relay.reserve(
                 principal,
-                max_streams=settings.max_streams,
-                max_per_key=settings.max_streams_per_key if keys is not None else None,
+                max_streams=self.settings.max_streams,
+                max_per_key=self.settings.max_streams_per_key if self.keys is not None else None,
             )
-        except RequestError as exc:
-            return refuse(exc)
-        except StoreUnavailable:
-            return unavailable()
         except AdmissionRefused as exc:
             if exc.scope == "server":
-                error = RequestError(503, "overloaded", "the server is at its stream limit; retry shortly")
-            else:
-                error = RequestError(
-                    429,
-                    "rate_limited",
-                    f"this key already has {exc.limit} streams running; wait for one to end or cancel one",
-                )
-            return refuse(error, {"retry-after": "1"})
+                raise RequestError(
+                    503, "overloaded", "the server is at its stream limit; retry shortly", retryable=True
+                ) from None
+            raise RequestError(
+                429,
+                "rate_limited",
+                f"this key already has {exc.limit} streams running; wait for one to end or cancel one",
+                retryable=True,
+            ) from None
+
+    async def post_stream(self, request: Request) -> Response:
+        relay = self.relay
+        principal = self.principal_of(request)
+        # Before the body: a request counts toward the caps while its body arrives, and
+        # concurrent requests cannot all pass the check before any of them reserves.
+        slot = await self.admit(principal)
         try:
-            body = await read_json_body(request, settings.max_body)
+            body = await read_json_body(request, self.settings.max_body)
             parsed = parse_stream_request(body)
             model = parsed.generation.model
             if model and not relay.provider.supports_model(model):
@@ -149,10 +184,8 @@ def create_app(
             key = request.headers.get("idempotency-key")
             if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
                 raise invalid(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", "Idempotency-Key")
-        except BaseException as exc:  # a bad request, or a client gone while sending its body
+        except BaseException:  # a bad request, or a client gone while sending its body
             relay.release(slot)
-            if isinstance(exc, RequestError):
-                return refuse(exc)
             raise
         try:
             meta, _created = await relay.start(  # the slot is the generation's, or given back, from here on
@@ -163,52 +196,36 @@ def create_app(
                 fingerprint=fingerprint_of(body) if key is not None else None,
                 slot=slot,
             )
-        except StoreUnavailable:
-            return unavailable()
         except IdempotencyConflict:
-            return refuse(
-                RequestError(
-                    422,
-                    "invalid_request",
-                    "this Idempotency-Key was used with a different request body; use a new key",
-                    "Idempotency-Key",
-                )
-            )
-        return EventStreamResponse(relay, meta)  # type: ignore[return-value]
+            raise RequestError(
+                422,
+                "invalid_request",
+                "this Idempotency-Key was used with a different request body; use a new key",
+                "Idempotency-Key",
+            ) from None
+        return EventStreamResponse(relay, meta)
 
-    async def get_stream(request: Request) -> Response:
-        try:
-            principal = principal_of(request)
-            after = parse_cursor(request)
-        except RequestError as exc:
-            return refuse(exc)
-        try:
-            meta = await relay.get(request.path_params["stream_id"], principal)
-        except StoreUnavailable:
-            return unavailable()
+    async def get_stream(self, request: Request) -> Response:
+        principal = self.principal_of(request)
+        after = parse_cursor(request)
+        meta = await self.relay.get(request.path_params["stream_id"], principal)
         if meta is None:
-            return refuse(_not_found())
-        return EventStreamResponse(relay, meta, after=after)  # type: ignore[return-value]
+            raise not_found()
+        return EventStreamResponse(self.relay, meta, after=after)
 
-    async def delete_stream(request: Request) -> Response:
-        try:
-            principal = principal_of(request)
-        except RequestError as exc:
-            return refuse(exc)
-        try:
-            meta = await relay.get(request.path_params["stream_id"], principal)
-            if meta is None:
-                return refuse(_not_found())
-            await relay.cancel(meta.stream_id)
-        except StoreUnavailable:
-            return unavailable()
+    async def delete_stream(self, request: Request) -> Response:
+        meta = await self.relay.get(request.path_params["stream_id"], self.principal_of(request))
+        if meta is None:
+            raise not_found()
+        await self.relay.cancel(meta.stream_id)
         return Response(status_code=204)
 
-    async def metrics_route(request: Request) -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.relay.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    async def healthz(request: Request) -> Response:
+    async def healthz(self, request: Request) -> Response:
         # A replica whose store is down can start and resume nothing: a load balancer takes it out.
+        relay = self.relay
         try:
             async with asyncio.timeout(HEALTH_CHECK_TIMEOUT):
                 await relay.store.check()
@@ -226,35 +243,15 @@ def create_app(
             200 if store_status == "ok" else 503,
         )
 
-    async def index(request: Request) -> Response:
-        return Response(index_html, media_type="text/html; charset=utf-8")
+    async def index(self, request: Request) -> Response:
+        return Response(self.index_html, media_type="text/html; charset=utf-8")
 
-    async def client(request: Request) -> Response:
+    async def client(self, request: Request) -> Response:
         return Response(
-            client_js,
+            self.client_js,
             media_type="text/javascript; charset=utf-8",
             headers={"cache-control": "no-cache"},
         )
-
-    app = _App(
-        routes=[
-            Route("/", index, methods=["GET"]),
-            Route("/tokenwire.js", client, methods=["GET"]),
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/metrics", metrics_route, methods=["GET"]),
-            Route("/api/stream", post_stream, methods=["POST"]),
-            Route("/api/stream/{stream_id}", get_stream, methods=["GET"]),
-            Route("/api/stream/{stream_id}", delete_stream, methods=["DELETE"]),
-        ],
-        lifespan=relay.lifespan,
-        exception_handlers={HTTPException: _http_error, 500: _internal_error},
-        middleware=_cors(settings.cors_origin_list()),
-    )
-    # "/api/stream/" is not "/api/stream": a JSON 404 that names the path, not a 307 to follow.
-    app.router.redirect_slashes = False
-    app.state.relay = relay
-    app.state.settings = settings
-    return app
 
 
 class _App(Starlette):
@@ -263,16 +260,12 @@ class _App(Starlette):
     An event stream sends its response start through the middleware stack
     (CORS adds its headers there) and its body, a message per token, straight
     to the server: the error-handling and CORS wrappers only look at the
-    start, and skipping their frames is ~10% of a relay's CPU per token.
+    start, and a body message through their frames would pay for each of them, per token.
     """
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         scope[SERVER_SEND] = send
         await super().__call__(scope, receive, send)
-
-
-def _not_found() -> RequestError:
-    return RequestError(404, "not_found", "no such stream: it never existed, expired, or is not yours", "stream_id")
 
 
 _HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed"}
@@ -282,12 +275,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request")
     message = f"{request.method} {request.url.path}: {exc.detail}"
-    return JSONResponse({"error": {"type": error_type, "message": message}}, exc.status_code, exc.headers)
+    return error_response(RequestError(exc.status_code, error_type, message, headers=exc.headers))
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     # The traceback goes to the server log (uvicorn logs it), never to the client.
-    return JSONResponse({"error": {"type": "internal_error", "message": "internal server error"}}, 500)
+    return error_response(RequestError(500, "internal_error", "internal server error"))
 
 
 def _cors(origins: list[str]) -> list[Middleware]:

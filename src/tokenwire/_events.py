@@ -1,4 +1,4 @@
-"""The events of a tokenwire stream (see PROTOCOL.md, "The event stream").
+"""The events of a tokenwire stream (docs/protocol.md, "Events").
 
 Providers yield ``Queued``, ``Token``, ``Reasoning`` and ``Finish``; the relay adds
 ``Start``, the terminal ``Done`` / ``Error`` and the sequence numbers.  Every event
@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 FinishReason = Literal["stop", "length", "cancelled", "timeout"]
-ErrorType = Literal["upstream_error", "upstream_timeout", "internal_error", "replica_lost", "store_unavailable"]
+ErrorType = Literal[
+    # a generation's end, in the log
+    "upstream_error", "upstream_timeout", "internal_error", "replica_lost", "store_unavailable",
+    # a reader that cannot go on (the same types as the JSON answers of a request refused before its stream)
+    "gone", "not_found", "invalid_request",
+]  # fmt: skip
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -116,15 +121,19 @@ class Error:
     type: Literal["error"] = field(default="error", init=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": "error",
-            "error": {"type": self.error_type, "message": self.message, "retryable": self.retryable},
-        }
+        return {"type": "error", "error": error_object(self.error_type, self.message, self.retryable)}
+
+
+def error_object(error_type: str, message: str, retryable: bool, param: str | None = None) -> dict[str, Any]:
+    """The ``error`` object of every error tokenwire sends: an ``error`` event's, and every JSON answer's."""
+    error: dict[str, Any] = {"type": error_type, "message": message, "retryable": retryable}
+    if param is not None:
+        error["param"] = param
+    return error
 
 
 ProviderEvent = Union[Queued, Token, Reasoning, UsageUpdate, Finish]
 StreamEvent = Union[Start, Queued, Token, Reasoning, Done, Error]
-TERMINAL_TYPES = frozenset({"done", "error"})
 
 
 def encode_event(seq: int, event: StreamEvent) -> bytes:

@@ -5,6 +5,9 @@ Our exception hierarchy::
     TokenwireError
     ├── ConfigError              a setting is missing or wrong; the message says how to fix it
     ├── ProviderError            a generation failed upstream; the relay turns it into an ``error`` event
+    ├── RequestError             a request refused before its stream; the server answers it as JSON
+    ├── IdempotencyConflict      an Idempotency-Key reused with a different request body
+    ├── AdmissionRefused         a stream cap is reached (the whole server's, or one key's)
     └── ClientError              the Python client did not get a complete stream
         ├── TokenwireHTTPError   the server refused the request (status >= 300 or not an event stream)
         └── StreamCut            the stream ended without a ``done`` or ``error`` event
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import json
 
-from ._events import ErrorType
+from typing import Any
+
+from ._events import ErrorType, error_object
 
 
 class TokenwireError(Exception):
@@ -45,6 +50,56 @@ class ProviderError(TokenwireError):
 
     def __repr__(self) -> str:
         return f"ProviderError({self.error_type!r}, {self.message!r}, retryable={self.retryable})"
+
+
+class RequestError(TokenwireError):
+    """A request refused before any stream starts: the server answers it as JSON, with ``status``.
+
+    The one shape of every error answer, whichever layer refuses (the HTTP server's
+    connection limits, a route, a reader whose cursor is gone): see :meth:`body`.
+    ``headers`` go with the answer (``Retry-After`` on a retryable refusal).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        param: str | None = None,
+        *,
+        retryable: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.param = param
+        self.retryable = retryable
+        self.headers = headers or ({"retry-after": "1"} if retryable else {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": error_object(self.error_type, self.message, self.retryable, self.param)}
+
+    def body(self) -> bytes:
+        """The JSON answer's bytes."""
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+
+    def __repr__(self) -> str:
+        return f"RequestError({self.status}, {self.error_type!r}, {self.message!r})"
+
+
+class IdempotencyConflict(TokenwireError):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+class AdmissionRefused(TokenwireError):
+    """A stream cap is reached: ``scope`` is ``"server"`` (--max-streams) or ``"key"`` (per key)."""
+
+    def __init__(self, scope: str, limit: int) -> None:
+        super().__init__(f"the {scope} stream cap ({limit}) is reached")
+        self.scope = scope
+        self.limit = limit
 
 
 class ClientError(TokenwireError):

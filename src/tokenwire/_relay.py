@@ -1,7 +1,7 @@
 """The relay: runs each generation as a task it owns, from provider to log.
 
-Starlette never closes a body iterator (FIELD-GUIDE: "Own the generation in a
-task you cancel yourself"), so the generation is not the response's iterator.
+Starlette never closes a response's body iterator when its client leaves, so the
+generation is not the response's iterator: it runs in a task the relay cancels itself.
 :meth:`Relay.start` creates a stream, writes its events into the store's log from
 a task of its own and returns at once; responses (:mod:`tokenwire._response`)
 tail the log.
@@ -29,7 +29,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ._events import (
     Done,
@@ -44,16 +44,22 @@ from ._events import (
     encode_event,
     encode_token_event,
 )
-from ._exceptions import ProviderError
+from ._exceptions import AdmissionRefused, IdempotencyConflict, ProviderError
 from ._metrics import Metrics
 from .providers.base import GenerationRequest, Provider, StopSignal, current_stop
 from .stores.base import StoreUnavailable, StreamEnded, StreamMeta, StreamNotFound, StreamStore
 from .stores.memory import MemoryStore
 
-if TYPE_CHECKING:
-    from ._response import EventStreamResponse
-
 logger = logging.getLogger("tokenwire")
+
+
+class Writer(Protocol):
+    """A response writing to a client, as the send-timeout sweeper sees it."""
+
+    pending_since: float | None  # loop time its pending write began; None when no write is pending
+
+    def drop(self) -> None:
+        """End the response: its client has not accepted a write for the send timeout."""
 
 
 @dataclass(slots=True)
@@ -65,19 +71,6 @@ class RelayOptions:
     first_token_timeout: float = 120.0  # upstream silence before its first token (queue time excluded)
     idle_timeout: float = 60.0  # upstream silence between two tokens
     retry_ms: int = 1000  # the "retry:" sent first, for reconnecting clients
-
-
-class IdempotencyConflict(Exception):
-    """The Idempotency-Key was used before with a different request body."""
-
-
-class AdmissionRefused(Exception):
-    """A stream cap is reached: ``scope`` is ``"server"`` (--max-streams) or ``"key"`` (per key)."""
-
-    def __init__(self, scope: str, limit: int) -> None:
-        super().__init__(f"the {scope} stream cap ({limit}) is reached")
-        self.scope = scope
-        self.limit = limit
 
 
 @dataclass(slots=True, eq=False)
@@ -149,7 +142,7 @@ class Relay:
         self._housekeeping: set[asyncio.Task[None]] = set()
         self._reserved = 0  # slots held: streams running, and requests admitted that have not started yet
         self._per_principal: dict[str, int] = {}  # the same, by principal
-        self._writers: set[EventStreamResponse] = set()
+        self._writers: set[Writer] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.metrics = Metrics(active_streams=self._running.__len__)
         self._started = False
@@ -165,13 +158,13 @@ class Relay:
         await self.provider.startup()
         self._started = True
 
-    def watch_writes(self, response: EventStreamResponse) -> None:
+    def watch_writes(self, response: Writer) -> None:
         """Drop ``response`` if one of its writes stays pending past the send timeout."""
         self._writers.add(response)
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep_stuck_writers(), name="tokenwire-send-timeouts")
 
-    def unwatch_writes(self, response: EventStreamResponse) -> None:
+    def unwatch_writes(self, response: Writer) -> None:
         self._writers.discard(response)
         if not self._writers and self._sweeper is not None:
             self._sweeper.cancel()  # nothing to watch: no task left behind
@@ -354,13 +347,6 @@ class Relay:
         )
         return meta, True
 
-    async def respond(self, request: GenerationRequest, **options: Any) -> EventStreamResponse:
-        """Start a generation and return the streaming response for it, for your own routes."""
-        from ._response import EventStreamResponse
-
-        meta, _created = await self.start(request, **options)
-        return EventStreamResponse(self, meta)
-
     async def get(self, stream_id: str, principal: str = "") -> StreamMeta | None:
         """The stream, if it exists, has not expired, and belongs to ``principal``."""
         meta = await self.store.get_meta(stream_id)
@@ -453,125 +439,132 @@ class Relay:
     # -- the generation task ----------------------------------------------
 
     async def _run(self, generation: _Generation, request: GenerationRequest) -> None:
+        """The generation's task: its events into the log, then exactly one terminal event."""
         generation.running = True
+        current_stop.set(generation.stop)  # providers register what stops their work (providers.base.on_stop)
+        self.metrics.streams_started += 1
+        progress = _Progress()
+        terminal: StreamEvent | None = None
+        write_terminal = True
+        try:
+            if generation.stop.reason is not None:  # stopped before this task's first step
+                raise asyncio.CancelledError
+            terminal = await self._generate(generation, request, progress)
+        except asyncio.CancelledError:
+            _uncancel()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the stream's terminal event
+            terminal, write_terminal = self._failure(generation, exc)
+        finally:
+            await self._end(generation, progress, terminal, write_terminal)
+
+    async def _generate(
+        self, generation: _Generation, request: GenerationRequest, progress: _Progress
+    ) -> StreamEvent | None:
+        """Append the provider's events to the log; the terminal event, or None once stopped.
+
+        The token branch is the relay's hot path: it appends inline, without ``emit``.
+        """
         stop = generation.stop
-        current_stop.set(stop)  # providers register what stops their work (providers.base.on_stop)
-        meta = generation.meta
+        stream_id = generation.meta.stream_id
         store = self.store
         options = self.options
         metrics = self.metrics
-        stream_id = meta.stream_id
         loop = asyncio.get_running_loop()
-        seq = 0  # the last seq appended, or being appended
-        confirmed = 0  # the last seq the store confirmed
-        last_data = b""
-        tokens = 0
-        phase = "before_first_token"
         last_token_at = generation.started
-        reported = Usage(0)  # the provider's running usage, if it gives one
-        terminal: StreamEvent | None = None
-        write_terminal = True
-
-        def usage_so_far() -> Usage:
-            return Usage(max(tokens, reported.completion_tokens), reported.prompt_tokens)
-
-        metrics.streams_started += 1
 
         async def emit(event: StreamEvent) -> None:
-            nonlocal seq, confirmed, last_data
-            seq += 1
-            last_data = encode_event(seq, event)
-            if await store.append(stream_id, seq, last_data):
+            progress.seq += 1
+            progress.last_data = encode_event(progress.seq, event)
+            if await store.append(stream_id, progress.seq, progress.last_data):
                 self._stop(generation, CANCELLED_ELSEWHERE)
-            confirmed = seq
+            progress.confirmed = progress.seq
             if stop.reason is not None:
                 raise asyncio.CancelledError
 
+        await emit(Start(stream_id, generation.meta.model))
+        stream = self.provider.stream(request)
+        deadline = loop.call_later(options.max_duration, self._stop, generation, DEADLINE)
+        # One watch for "no token yet" and "no token lately", moved by every token, so
+        # that heartbeats to the client never hide a stalled upstream.
+        stall = _StallWatch(loop, options.first_token_timeout, lambda: self._stop(generation, STALLED))
         try:
-            if stop.reason is not None:  # stopped before this task's first step
-                raise asyncio.CancelledError
-            await emit(Start(stream_id, meta.model))
-            stream = self.provider.stream(request)
-            deadline = loop.call_later(options.max_duration, self._stop, generation, DEADLINE)
-            # One watch for "no token yet" and "no token lately", moved by every token, so
-            # that heartbeats to the client never hide a stalled upstream.
-            stall = _StallWatch(loop, options.first_token_timeout, lambda: self._stop(generation, STALLED))
-            try:
-                async for event in stream:
-                    kind = type(event)
-                    if kind is Token:
-                        now = loop.time()
-                        if tokens:
-                            metrics.inter_token_delay.observe(now - last_token_at)
-                        else:
-                            metrics.time_to_first_token.observe(now - generation.started)
-                            phase = "mid_stream"
-                        last_token_at = now
-                        stall.move(now + options.idle_timeout)
-                        tokens += 1
-                        seq += 1
-                        last_data = encode_token_event(seq, event.text)  # type: ignore[union-attr]
-                        if await store.append(stream_id, seq, last_data):
-                            self._stop(generation, CANCELLED_ELSEWHERE)
-                        confirmed = seq
-                        if stop.reason is not None:
-                            raise asyncio.CancelledError
-                    elif kind is Finish:
-                        terminal = Done(event.finish_reason, event.usage or usage_so_far())  # type: ignore[union-attr]
-                        break
-                    elif kind is UsageUpdate:
-                        reported = event.usage  # type: ignore[union-attr]
+            async for event in stream:
+                kind = type(event)
+                if kind is Token:
+                    now = loop.time()
+                    if progress.tokens:
+                        metrics.inter_token_delay.observe(now - last_token_at)
                     else:
-                        if kind is Queued:
-                            phase = "queued"
-                            stall.move(None)  # waiting for the model is bounded by the deadline
-                        else:
-                            if phase == "queued":
-                                phase = "before_first_token"
-                            # Reasoning is output too; any other event before the first
-                            # token restarts the wait for it.
-                            wait = options.idle_timeout if tokens else options.first_token_timeout
-                            stall.move(loop.time() + wait)
-                        await emit(event)  # type: ignore[arg-type]
-                if terminal is None and stop.reason is None:
-                    terminal = Error("upstream_error", "the model ended the stream without finishing it", True)
-            finally:
-                deadline.cancel()
-                stall.close()
-                await stream.aclose()  # type: ignore[attr-defined]
-        except asyncio.CancelledError:
-            _uncancel()
-        except ProviderError as exc:
-            # After a stop, an error is what the abort did to the upstream: the stop says why.
+                        metrics.time_to_first_token.observe(now - generation.started)
+                        progress.phase = "mid_stream"
+                    last_token_at = now
+                    stall.move(now + options.idle_timeout)
+                    progress.tokens += 1
+                    seq = progress.seq = progress.seq + 1
+                    data = progress.last_data = encode_token_event(seq, event.text)  # type: ignore[union-attr]
+                    if await store.append(stream_id, seq, data):
+                        self._stop(generation, CANCELLED_ELSEWHERE)
+                    progress.confirmed = seq
+                    if stop.reason is not None:
+                        raise asyncio.CancelledError
+                elif kind is Finish:
+                    return Done(event.finish_reason, event.usage or progress.usage())  # type: ignore[union-attr]
+                elif kind is UsageUpdate:
+                    progress.reported = event.usage  # type: ignore[union-attr]
+                else:
+                    if kind is Queued:
+                        progress.phase = "queued"
+                        stall.move(None)  # waiting for the model is bounded by the deadline
+                    else:
+                        if progress.phase == "queued":
+                            progress.phase = "before_first_token"
+                        # Reasoning is output too; any other event before the first
+                        # token restarts the wait for it.
+                        wait = options.idle_timeout if progress.tokens else options.first_token_timeout
+                        stall.move(loop.time() + wait)
+                    await emit(event)  # type: ignore[arg-type]
             if stop.reason is None:
-                terminal = Error(exc.error_type, exc.message, exc.retryable)
-        except StoreUnavailable:
+                return Error("upstream_error", "the model ended the stream without finishing it", True)
+            return None
+        finally:
+            deadline.cancel()
+            stall.close()
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    def _failure(self, generation: _Generation, exc: Exception) -> tuple[StreamEvent | None, bool]:
+        """The terminal event for what a generation raised, and whether this replica writes it."""
+        stop = generation.stop
+        stream_id = generation.meta.stream_id
+        if isinstance(exc, ProviderError):
+            # After a stop, an error is what the abort did to the upstream: the stop says why.
+            return (Error(exc.error_type, exc.message, exc.retryable) if stop.reason is None else None), True
+        if isinstance(exc, StoreUnavailable):
             stop.stop("the store is unavailable")
-            terminal = Error(
-                "store_unavailable",
-                f"the stream store was unreachable for longer than {store.outage_timeout:g} s; retry shortly",
-                retryable=True,
-            )
-        except (StreamNotFound, StreamEnded) as exc:
+            message = f"the stream store was unreachable for longer than {self.store.outage_timeout:g} s; retry shortly"
+            return Error("store_unavailable", message, retryable=True), True
+        if isinstance(exc, (StreamNotFound, StreamEnded)):
             # Another wrote its terminal event (this replica's lease had lapsed), or the log expired.
             stop.stop("the stream ended in the store")
-            write_terminal = False
-            terminal = REPLICA_LOST
             logger.warning("stream_id=%s stopped: %s in the store", stream_id, type(exc).__name__)
-        except Exception:
-            logger.exception("generation %s failed", stream_id)
-            terminal = Error("internal_error", "the generation failed inside tokenwire; see the server log")
-        finally:
-            self._running.pop(stream_id, None)
-            self.release(generation.slot)
-            if generation.grace_timer is not None:
-                generation.grace_timer.cancel()
-            if terminal is None:
-                terminal = _terminal_for(stop.reason, tokens, usage_so_far(), options)
-            if write_terminal:
-                await self._write_terminal(stream_id, seq, confirmed, last_data, terminal)
-            self._count_outcome(terminal, phase)
-            self._log_stream(meta, terminal, tokens, generation)
+            return REPLICA_LOST, False
+        logger.error("generation %s failed", stream_id, exc_info=exc)
+        return Error("internal_error", "the generation failed inside tokenwire; see the server log"), True
+
+    async def _end(
+        self, generation: _Generation, progress: _Progress, terminal: StreamEvent | None, write_terminal: bool
+    ) -> None:
+        """Release what the generation held; write, count and log its terminal event."""
+        stream_id = generation.meta.stream_id
+        self._running.pop(stream_id, None)
+        self.release(generation.slot)
+        if generation.grace_timer is not None:
+            generation.grace_timer.cancel()
+        if terminal is None:
+            terminal = _terminal_for(generation.stop.reason, progress.tokens, progress.usage(), self.options)
+        if write_terminal:
+            await self._write_terminal(stream_id, progress.seq, progress.confirmed, progress.last_data, terminal)
+        self._count_outcome(terminal, progress.phase)
+        self._log_stream(generation.meta, terminal, progress.tokens, generation)
 
     async def _write_terminal(
         self, stream_id: str, seq: int, confirmed: int, last_data: bytes, terminal: StreamEvent
@@ -616,6 +609,21 @@ class Relay:
             tokens,
             elapsed * 1000,
         )
+
+
+@dataclass(slots=True)
+class _Progress:
+    """How far a generation got: what its terminal event and its metrics need."""
+
+    seq: int = 0  # the last seq appended, or being appended
+    confirmed: int = 0  # the last seq the store confirmed
+    last_data: bytes = b""  # the bytes of event ``seq``: appended again if a cancel interrupted it
+    tokens: int = 0
+    phase: str = "before_first_token"  # where a cancel found it, for the metrics
+    reported: Usage = field(default_factory=lambda: Usage(0))  # the provider's running usage, if any
+
+    def usage(self) -> Usage:
+        return Usage(max(self.tokens, self.reported.completion_tokens), self.reported.prompt_tokens)
 
 
 def _uncancel() -> None:

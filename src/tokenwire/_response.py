@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import types
-from collections.abc import Awaitable, Generator
+from collections.abc import Awaitable, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from starlette.responses import JSONResponse
+from starlette.background import BackgroundTask
+from starlette.responses import Response
 
+from ._events import Error, encode_event
+from ._exceptions import RequestError
 from ._sse import KEEPALIVE, OPENING, encode_retry
 from .stores.base import CursorAhead, LogTrimmed, ReadResult, StoreUnavailable, StreamNotFound
 
@@ -66,8 +68,17 @@ class ClientGone(Exception):
     """The client disconnected, or stopped reading for longer than the send timeout."""
 
 
-class EventStreamResponse:
-    """An ASGI app that streams one tokenwire stream from ``after`` onwards."""
+class EventStreamResponse(Response):
+    """The response that streams one tokenwire stream from ``after`` onwards.
+
+    A Starlette ``Response``, so that a FastAPI path operation or a Starlette
+    endpoint can return it as it is (FastAPI passes a ``Response`` through
+    untouched, and runs its ``background`` once the stream has ended).
+    ``headers`` are added to the stream's own; they can also be set later
+    through ``response.headers``, until the response starts.
+    """
+
+    media_type = "text/event-stream"
 
     def __init__(
         self,
@@ -75,12 +86,17 @@ class EventStreamResponse:
         meta: StreamMeta,
         *,
         after: int = 0,
-        headers: list[tuple[bytes, bytes]] | None = None,
+        headers: Mapping[str, str] | None = None,
+        background: BackgroundTask | None = None,
     ) -> None:
         self.relay = relay
         self.meta = meta
         self.after = after
-        self.headers = headers or []
+        self.status_code = 200
+        self.background = background
+        self.raw_headers = [*SSE_HEADERS, (b"x-stream-id", meta.stream_id.encode())]
+        for name, value in (headers or {}).items():
+            self.raw_headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
         self.reader_id = secrets.token_hex(8)
         self.pending_since: float | None = None  # loop time a write began, while it is pending
         self.writer: asyncio.Task[object] | None = None
@@ -101,16 +117,16 @@ class EventStreamResponse:
                 # A reader came and went: a stream just started for it is not left running for nobody.
                 relay.attach(stream_id)
                 relay.detach(stream_id, client_gone=True)
-            await _json_error(exc)(scope, receive, send)
+            await error_response(reader_error(exc))(scope, receive, send)
             return
-        headers = [*SSE_HEADERS, (b"x-stream-id", stream_id.encode()), *self.headers]
         relay.attach(stream_id)
         relay.watch_writes(self)
         client_gone = True
         detached = False
         self.writer = asyncio.current_task()
         try:
-            await self._send(send, {"type": "http.response.start", "status": 200, "headers": headers})
+            start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            await self._send(send, start)
             # The first body bytes flush the headers through any proxy at once.
             await self._send(send, _body(OPENING))
             self.preamble = encode_retry(relay.options.retry_ms)
@@ -148,6 +164,8 @@ class EventStreamResponse:
                 # The lease lapses by itself if the store cannot be told now.
                 with contextlib.suppress(StoreUnavailable):
                     await relay.store.drop_reader(stream_id, self.reader_id)
+        if self.background is not None:
+            await self.background()
 
     async def _pump(self, send: Send, backlog: ReadResult, *, follow: bool = False) -> None:
         """Write the log from the cursor until its terminal event has been sent.
@@ -216,14 +234,14 @@ class EventStreamResponse:
                     raise asyncio.CancelledError
             except (StoreUnavailable, StreamNotFound) as exc:
                 if isinstance(exc, StreamNotFound) and not (after and store.outage_timeout):
-                    await self._send_events(send, _error_event(exc))
+                    await self._send_events(send, _error_event(exc, after))
                     return
                 ridden_out, last_write = await self._ride_out(send, after, last_write)
                 if ridden_out is None:
                     return
                 result = ridden_out
             except (LogTrimmed, CursorAhead) as exc:
-                await self._send_events(send, _error_event(exc))
+                await self._send_events(send, _error_event(exc, after))
                 return
             now = loop.time()
 
@@ -249,7 +267,7 @@ class EventStreamResponse:
             except (StoreUnavailable, StreamNotFound):
                 continue
         logger.warning("stream_id=%s: the store stayed unavailable; ending the response", self.meta.stream_id)
-        await self._send_events(send, _error_event(StoreUnavailable()))
+        await self._send_events(send, _error_event(StoreUnavailable(), after))
         return None, last_write
 
     async def _send_events(self, send: Send, data: bytes) -> None:
@@ -396,20 +414,14 @@ def _body(data: bytes) -> dict:
     return {"type": "http.response.body", "body": data, "more_body": True}
 
 
-def _error_event(exc: Exception) -> bytes:
-    """The terminal event of a reader that cannot go on (not in the log: it has no id)."""
-    error_type, retryable = "internal_error", False
-    if isinstance(exc, LogTrimmed):
-        message = f"this reader fell behind the stream's bounded log (oldest kept event: {exc.first_available})"
-    elif isinstance(exc, CursorAhead):
-        message = f"the stream has no event after {exc.last_seq}, its last"
-    elif isinstance(exc, StoreUnavailable):
-        error_type, retryable = "store_unavailable", True
-        message = "the stream store stayed unreachable, or lost this stream; resume or start it again shortly"
-    else:
-        message = "the stream expired while it was being read"
-    body = {"type": "error", "error": {"type": error_type, "message": message, "retryable": retryable}}
-    return b"data: %s\n\n" % json.dumps(body, separators=(",", ":")).encode()
+def _error_event(exc: Exception, after: int) -> bytes:
+    """The terminal event of a reader that cannot go on.
+
+    It is not in the stream's log: its id is the reader's cursor (the last event
+    it was sent), so that a client's ``Last-Event-ID`` stays the one to resume from.
+    """
+    error = reader_error(exc)
+    return encode_event(after, Error(error.error_type, error.message, error.retryable))  # type: ignore[arg-type]
 
 
 def _finished(sender: asyncio.Task[None]) -> bool:
@@ -420,13 +432,12 @@ def _finished(sender: asyncio.Task[None]) -> bool:
 async def _stop(relay: Relay, *tasks: asyncio.Task[None]) -> None:
     """Cancel the sender and the watcher, and wait for them, but not forever.
 
-    Under load, a Redis read cancelled as its reply arrives was seen to stay
-    pending for seconds (redis-py 8.1, uvloop): Python 3.11's ``asyncio.wait_for``
-    inside redis-py swallows a cancellation that lands as its inner future
-    completes (python/cpython#86296), and the sender went on to its next read.
-    The sender now checks ``closing`` after every read, and the relay hears of a
-    departed client before this wait; still, a task that has not stopped after
-    ``STOP_TIMEOUT`` is handed to the relay, which cancels it again at shutdown.
+    A cancellation can be swallowed: Python 3.11's ``asyncio.wait_for`` (inside
+    redis-py's reads) drops one that lands as its inner future completes
+    (python/cpython#86296), and the sender would go on to its next read.  So the
+    sender checks ``closing`` after every read, the relay hears of a departed
+    client before this wait, and a task still running after ``STOP_TIMEOUT`` is
+    handed to the relay, which cancels it again at shutdown.
     """
     for task in tasks:
         task.cancel()
@@ -446,30 +457,36 @@ async def _wait_for_disconnect(receive: Receive) -> None:
             return
 
 
-def _json_error(exc: Exception) -> JSONResponse:
+def reader_error(exc: Exception) -> RequestError:
+    """Why a stream cannot be read from a cursor: a JSON answer before the stream, or its terminal event."""
     if isinstance(exc, StoreUnavailable):
-        return store_unavailable_response()
+        return store_unavailable()
     if isinstance(exc, CursorAhead):
         message = (
             f"Last-Event-ID is past the end of this stream: its last event id is {exc.last_seq}; "
             f"resume from {exc.last_seq} or earlier"
         )
-        return JSONResponse(
-            {"error": {"type": "invalid_request", "message": message, "param": "Last-Event-ID"}}, 400
-        )
+        return RequestError(400, "invalid_request", message, "Last-Event-ID")
     if isinstance(exc, LogTrimmed):
         message = (
-            f"the events after that cursor are no longer kept (the oldest kept is {exc.first_available}); "
-            "start a new stream"
+            f"the events after this cursor are no longer kept (the oldest kept is {exc.first_available}): "
+            "the reader fell behind the stream's bounded log; start a new stream"
         )
-        return JSONResponse({"error": {"type": "gone", "message": message, "param": "Last-Event-ID"}}, 410)
-    message = "no such stream: it never existed, expired, or is not yours"
-    return JSONResponse({"error": {"type": "not_found", "message": message, "param": "stream_id"}}, 404)
+        return RequestError(410, "gone", message, "Last-Event-ID")
+    return not_found()
 
 
-def store_unavailable_response() -> JSONResponse:
+def not_found() -> RequestError:
+    return RequestError(404, "not_found", "no such stream: it never existed, expired, or is not yours", "stream_id")
+
+
+def store_unavailable() -> RequestError:
     """503 while the shared store cannot be reached: a load balancer or client retries shortly."""
-    message = "the stream store is unreachable right now; retry shortly"
-    return JSONResponse(
-        {"error": {"type": "store_unavailable", "message": message}}, 503, headers={"retry-after": "1"}
+    return RequestError(
+        503, "store_unavailable", "the stream store is unreachable right now; retry shortly", retryable=True
     )
+
+
+def error_response(error: RequestError) -> Response:
+    """The JSON answer of a refused request: the one encoder of every error answer."""
+    return Response(error.body(), error.status, error.headers, media_type="application/json")

@@ -51,12 +51,10 @@ configuration, so that ``serve()`` and the tests run the same one.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import resource
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import httptools
@@ -67,7 +65,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from ._config import Settings
 from ._exceptions import ConfigError
-from ._validation import RequestError
+from ._exceptions import RequestError
+from ._validation import invalid
 
 logger = logging.getLogger("tokenwire.server")
 
@@ -203,9 +202,10 @@ class HttpProtocol(HttpToolsProtocol):
             "overloaded",
             f"the server is at its connection limit ({self.limits.max_connections} open connections); "
             "retry shortly",
+            retryable=True,
         )
         linger = OVERLOAD_LINGER_SECONDS if over <= self.limits.overflow else 0.0
-        self._refuse(error, [(b"retry-after", b"1")], linger=linger)
+        self._refuse(error, linger=linger)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
@@ -323,9 +323,7 @@ class HttpProtocol(HttpToolsProtocol):
         # says what was wrong (``msg`` is always "Invalid HTTP request received.").
         self._refuse(_describe(sys.exception()))
 
-    def _refuse(
-        self, error: RequestError, headers: Iterable[tuple[bytes, bytes]] = (), *, linger: float | None = None
-    ) -> None:
+    def _refuse(self, error: RequestError, *, linger: float | None = None) -> None:
         """Answer ``error`` in JSON (if no answer is under way) and close the connection."""
         self._cancel_timers()
         cycle = self.cycle
@@ -339,10 +337,10 @@ class HttpProtocol(HttpToolsProtocol):
             # The app may be reading the body: it now hears http.disconnect, and what it sends is dropped.
             cycle.disconnected = True
             cycle.message_event.set()
-        # Encoded as the app's JSONResponse encodes.
-        content = json.dumps(error.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+        content = error.body()
         head = [STATUS_LINE[error.status]]
-        for name, value in [*self.server_state.default_headers, *headers]:  # date, server; retry-after
+        extra = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()]
+        for name, value in [*self.server_state.default_headers, *extra]:  # date, server; retry-after
             head += [name, b": ", value, b"\r\n"]
         head += [
             b"content-type: application/json\r\n",
@@ -419,21 +417,19 @@ def _describe(exc: BaseException | None) -> RequestError:
         if isinstance(cause, _TargetTooLong):
             return _target_too_long()
         if cause is not None:
-            return _invalid(f"the request could not be parsed: {cause}")
+            return invalid(f"the request could not be parsed: {cause}")
     if isinstance(exc, httptools.HttpParserInvalidURLError):
-        return _invalid(
+        return invalid(
             "the request target holds a byte that is not allowed in a URL (anything not ASCII, a space "
             f"or a control character; the parser says: {exc}): percent-encode it, e.g. é as %C3%A9"
         )
     if isinstance(exc, httptools.HttpParserInvalidMethodError):
-        return _invalid("the request line does not start with an HTTP method such as GET or POST")
+        return invalid("the request line does not start with an HTTP method such as GET or POST")
     if exc is not None:
-        return _invalid(f"the request is not valid HTTP/1.1 (the parser says: {exc})")
-    return _invalid("the request is not valid HTTP/1.1")
+        return invalid(f"the request is not valid HTTP/1.1 (the parser says: {exc})")
+    return invalid("the request is not valid HTTP/1.1")
 
 
-def _invalid(message: str) -> RequestError:
-    return RequestError(400, "invalid_request", message)
 
 
 _last_capacity_warning = -1e9
@@ -454,8 +450,8 @@ def fit_fd_limit(limits: ConnectionLimits, other_fds: int) -> ConnectionLimits:
     """Raise this process's open-file limit so that the connection cap is reached first; else lower the cap.
 
     A cap above the limit is no cap: accept() fails with EMFILE first, and every new client, those the cap
-    would have answered with a 503 included, waits in the listen queue (issue 13: 1100 idle connections locked
-    out every request under the common limit of 1024).  ``other_fds``: what is not a client connection.
+    would have answered with a 503 included, waits in the listen queue (under the common limit of 1024, 1100
+    idle connections locked out every new request).  ``other_fds``: what is not a client connection.
     """
     need = limits.max_connections + limits.overflow + other_fds
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ._exceptions import RequestError
 from .providers.base import GenerationRequest
 
 ROLES = ("system", "user", "assistant")
@@ -24,23 +25,6 @@ MAX_MESSAGE_CHARS = 256 * 1024
 # Hugging Face repo path with a quantization tag.
 MAX_NAME_CHARS = 256
 MAX_STOP_CHARS = 256  # one stop sequence: sent upstream, or searched in the local model's output
-
-
-class RequestError(Exception):
-    """A request we refuse before any generation starts; becomes a JSON error answer."""
-
-    def __init__(self, status: int, error_type: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error_type = error_type
-        self.message = message
-        self.param = param
-
-    def to_dict(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"type": self.error_type, "message": self.message}
-        if self.param is not None:
-            error["param"] = self.param
-        return {"error": error}
 
 
 def invalid(message: str, param: str | None = None) -> RequestError:
