@@ -6,8 +6,3 @@ def test_all_is_sorted_and_complete():
     public = {name for name in vars(tokenwire) if not name.startswith("_")}
     modules = {"providers", "stores"}
     assert public - modules == set(tokenwire.__all__)
-
-
-def test_every_export_resolves():
-    for name in tokenwire.__all__:
-        assert getattr(tokenwire, name) is not None

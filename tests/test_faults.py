@@ -278,7 +278,11 @@ def test_a_client_that_leaves_mid_stream_leaves_nothing_behind(rig: Rig, fake: F
                 for chunk in response.iter_raw():
                     if b'"token"' in chunk:
                         break
-        assert fake.wait_closed(1.0) is not None
+            left = time.monotonic()
+        closed_at = fake.wait_closed(1.0)
+        assert closed_at is not None, "the upstream connection was left open"
+        assert closed_at - left < 1.0
+        assert not fake.requests[-1].completed  # closed for the client, not at the end of 2000 tokens
 
 
 # -- usage on cancel ------------------------------------------------------------

@@ -113,9 +113,6 @@ class KeyRing:
                 found = principal
         return found
 
-    def __len__(self) -> int:
-        return len(self._digests)
-
 
 def _strip_comment(line: str) -> str:
     """``line`` up to its comment: a ``#`` first or after whitespace; any other ``#`` belongs to a key."""

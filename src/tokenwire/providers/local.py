@@ -25,15 +25,15 @@ How it holds together:
 
   - the worker thread, and the OpenMP threads llama.cpp starts from it, run
     under ``SCHED_IDLE`` (``idle_priority``): the loop thread preempts them the
-    moment it wakes.  At normal priority, or even at nice 10, it often waited
-    ~4 ms for a core (a scheduler tick): a cancel took up to 6-8 ms;
+    moment it wakes.  At normal priority, or even at nice 10, it can wait a
+    scheduler tick (~4 ms) for a core, and every cancel with it;
   - the interpreter's switch interval is at most 1 ms while a model runs
     (``SWITCH_INTERVAL``; Python's default is 5 ms), so the loop thread waits
     at most that long for the GIL while the worker runs Python between tokens;
   - prompts are evaluated in graphs of ``n_ubatch`` = 64 tokens (llama.cpp's
-    default is 512): the abort callback is polled between graph nodes, the
-    nodes of a 512-token graph are 8 times longer, and the prompt speed was
-    the same (bench/RESULTS.md, "Stopping a prompt evaluation").
+    default is 512): the abort callback is polled between graph nodes, which
+    are 8 times shorter than a 512-token graph's, at no cost in prompt speed
+    (bench/RESULTS.md, "Stopping a prompt evaluation").
 """
 
 from __future__ import annotations
@@ -135,9 +135,9 @@ class _AbortSwitch:
     """The abort callback llama.cpp polls, and the byte it reads: set() stops the decode running now.
 
     ggml's first compute thread polls the callback between graph nodes, hundreds of
-    times per token.  A Python callback takes the GIL at every poll: about 6% of the
-    decode rate here (bench/RESULTS.md, local model), and a stall of the compute
-    threads whenever the event loop holds the GIL.  So the callback is libc's
+    times per token.  A Python callback takes the GIL at every poll: it slows decoding
+    (bench/RESULTS.md, local model) and stalls the compute threads whenever the
+    event loop holds the GIL.  So the callback is libc's
     ``strlen`` on a two-byte buffer: it returns 1 once the first byte is set and 0
     while it is NUL, and a C ``bool`` is read from the low byte of the return
     register, which holds exactly that.  Where libc cannot be found, a Python
@@ -255,10 +255,6 @@ class LocalProvider(Provider):
     def stats(self) -> LocalStats:
         with self._cond:
             return self._snapshot()
-
-    @property
-    def busy(self) -> bool:
-        return self._current is not None
 
     def wait_until(self, predicate: Callable[[LocalStats], bool], timeout: float | None = None) -> bool:
         """Block the calling thread until ``predicate(stats)`` holds; False on timeout.

@@ -72,7 +72,7 @@ class LogLimits:
         return self.ttl if resumable else min(self.ttl, self.unresumable_ttl)
 
 
-@dataclass(slots=True)  # not frozen: one is made per read, for every token, and frozen costs 3x
+@dataclass(slots=True)  # not frozen: one per read, for every token; frozen sets fields via object.__setattr__
 class ReadResult:
     entries: list[bytes]  # encoded events, consecutive, starting after the cursor
     next_seq: int  # the seq of the last entry (the cursor to pass next time)

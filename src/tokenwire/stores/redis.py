@@ -52,8 +52,8 @@ pool (``max_connections``, default 64, waits up to 10 s for a free connection) a
 behind idle readers -- that queue would stall the very appends the readers wait for.  A blocking
 read blocks at most ``MAX_BLOCK`` seconds and its connection's socket timeout is longer by
 ``BLOCK_MARGIN``: a read never times out on the socket before Redis answers it, and a dead
-connection is still found.  (redis-py 8 gives every connection a 5 s socket timeout unless told
-otherwise: a 15 s heartbeat wait then failed three times, and a stream quiet for 15 s was cut.)
+connection is still found.  (Every pool sets its socket timeout: under redis-py's default of 5 s, a
+reader waiting out a 15 s heartbeat interval would fail, and a stream quiet for 15 s would be cut.)
 The lease, the probes and the health check use a connection pool of their own, so that they are
 never queued behind a burst of appends.  One blocked reader per connection is the simplest
 design that is correct under cancellation (redis-py drops a connection whose reply was
