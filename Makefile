@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test test-python test-js bench system-deps clean
+.PHONY: serve test test-imports test-python test-js bench system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,11 @@ bench/node_modules/.package-lock.json: bench/package-lock.json
 	npm ci --prefix bench --no-audit --no-fund --loglevel=error
 
 test: $(VENV)/.installed system-deps bench/node_modules/.package-lock.json
-	$(MAKE) test-python test-js
+	$(MAKE) test-imports test-python test-js
+
+# The import contracts in pyproject.toml: layers import one way, and no package has a cycle.
+test-imports:
+	$(BIN)/lint-imports
 
 test-python:
 	CI=$${CI:-} $(BIN)/python -m pytest
