@@ -1,4 +1,4 @@
-"""Abuse (issue 13): what slow and oversized clients cost the server, and what normal clients see meanwhile.
+"""Abuse: what slow and oversized clients cost the server, and what normal clients see meanwhile.
 
 One ``tokenwire serve --provider scripted`` process on a loopback port, the connection limits at their
 defaults (64 KiB of headers, 2048 connections) except the two deadlines, shortened so that each attack

@@ -1,4 +1,4 @@
-"""Faults (issue 12): lost cancels, a dead replica's streams, a Redis restart, measured.
+"""Faults: lost cancels, a dead replica's streams, a Redis restart, measured.
 
 The scenarios are those of ``tests/test_redis_promises.py``, from ``tests/fault_scenarios.py`` (one
 implementation): ``tokenwire serve`` processes on loopback, a real ``redis-server``, and the tests' fake

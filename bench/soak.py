@@ -1,4 +1,4 @@
-"""The soak (issue 12, part 6): many short streams, each replaced as it ends, for minutes; the server's
+"""The soak: many short streams, each replaced as it ends, for minutes; the server's
 RSS and open file descriptors must stay flat once it has warmed up.
 
 One driver for both users: ``tests/test_soak.py`` (60 s per store, in ``make test``) and the ``soak``

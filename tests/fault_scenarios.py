@@ -1,5 +1,5 @@
-"""The fault scenarios of issue 12, run against real replicas (``replicas.py``): cancels that cannot be
-lost, a replica that dies, Redis going away and coming back.
+"""The Redis store's fault scenarios (docs/deploy.md), run against real replicas (``replicas.py``):
+cancels that cannot be lost, a replica that dies, Redis going away and coming back.
 
 Each scenario returns a report of what it saw; ``tests/test_redis_promises.py`` asserts on it and
 ``bench/faults.py`` records it.  Every wait is bounded.

@@ -1,5 +1,5 @@
-"""tokenwire replicas as real processes, and how their streams are read (the fault scenarios of issue 12,
-in ``fault_scenarios.py``, run against them).
+"""tokenwire replicas as real processes, and how their streams are read (the fault scenarios
+in ``fault_scenarios.py`` run against them).
 
 One implementation for ``tests/test_redis_promises.py`` (which asserts on what a scenario saw) and
 ``bench/faults.py`` (which records it):

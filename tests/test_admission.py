@@ -1,4 +1,4 @@
-"""Stream caps that hold under races (issue 13, part 1).
+"""Stream caps that hold under races.
 
 The caps (``--max-streams`` per replica, ``--max-streams-per-key`` per key) used to be
 checked before the body was read and counted only once the generation started: 40

@@ -1,4 +1,4 @@
-"""What the Redis store promises under faults (issue 12), against replicas that are real processes.
+"""What the Redis store promises under faults (docs/deploy.md), against replicas that are real processes.
 
 Two ``tokenwire serve`` processes share one real ``redis-server``; a third runs the memory store, the
 control that shows what "working" looks like.  One fake OpenAI upstream in this process serves them all,

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from fakes import FakeOpenAIUpstream, active_streams, iter_events, serve_app, wait_until
+from readme import load_readme_example
 from tokenwire import Settings, create_app
 from tokenwire.providers.openai import OpenAIProvider
 
@@ -277,31 +278,8 @@ def test_invalid_requests_get_a_json_error_and_reach_no_model(
     assert upstream.request_count == 0
 
 
-# -- the README example -----------------------------------------------------
-
-
-def readme_app(base_url: str) -> Any:
-    # --- README example (kept verbatim in the README) ---
-    from starlette.applications import Starlette
-    from starlette.routing import Route
-
-    from tokenwire import EventStreamResponse, GenerationRequest, Relay
-    from tokenwire.providers.openai import OpenAIProvider
-
-    relay = Relay(OpenAIProvider(base_url))  # e.g. "http://127.0.0.1:8080/v1" (llama.cpp, vLLM, Ollama)
-
-    async def chat(request):
-        body = await request.json()
-        meta, _ = await relay.start(GenerationRequest.from_prompt(body["prompt"]))
-        return EventStreamResponse(relay, meta)  # SSE; closing the tab closes the upstream socket
-
-    app = Starlette(routes=[Route("/chat", chat, methods=["POST"])], lifespan=relay.lifespan)
-    # --- end of the README example ---
-    return app
-
-
-def test_readme_example_streams_and_cancels(upstream: FakeOpenAIUpstream, client: httpx.Client) -> None:
-    with serve_app(readme_app(upstream.url + "/v1")) as url:
+def test_readme_starlette_example_streams_and_cancels(upstream: FakeOpenAIUpstream, client: httpx.Client) -> None:
+    with serve_app(load_readme_example("### Starlette", upstream.url + "/v1").app) as url:
         with client.stream("POST", url + "/chat", json={"prompt": "hi"}) as response:
             events = list(iter_events(response))
         assert response.headers["content-type"] == "text/event-stream; charset=utf-8"

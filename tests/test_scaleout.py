@@ -1,4 +1,4 @@
-"""Scale-out, tested for real (issue 3, part 7).
+"""Scale-out, tested for real.
 
 One ``redis-server``, two tokenwire replicas (each a real uvicorn with its own ``RedisStore``), one
 nginx in front doing round robin, and one fake OpenAI upstream behind both -- all on loopback ports

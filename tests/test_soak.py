@@ -1,4 +1,4 @@
-"""The soak (issue 12, part 6), 60 s per store: 300 concurrent short streams against a real
+"""The soak, 60 s per store: 300 concurrent short streams against a real
 ``tokenwire serve`` process, each replaced as it ends; its RSS and open file descriptors stay flat after
 warm-up, and every stream ends with ``done``.
 

@@ -616,7 +616,7 @@ def test_a_store_started_again_after_aclose_expires_its_finished_logs() -> None:
     run(main)
 
 
-# -- issue 12: cursors past the end, idempotent appends, lost writers ---------
+# -- cursors past the end, idempotent appends, lost writers -----------------
 
 
 def test_a_cursor_past_the_end_is_refused_with_the_last_seq(backend: Backend) -> None:
