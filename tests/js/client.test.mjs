@@ -271,6 +271,18 @@ test("resume: reconnects with GET and Last-Event-ID after a reset and gets the r
   assert.equal(seen.filter((r) => r.method === "DELETE").length, 0, "no DELETE after done");
 });
 
+test("a reader's own terminal error carries its cursor as id and is delivered, not skipped", async () => {
+  const gone = { type: "error", error: { type: "gone", message: "fell behind", retryable: false } };
+  routes.set("POST /api/e1", (req, res) => {
+    res.writeHead(200, { ...SSE_HEADERS, "x-stream-id": "e1" });
+    res.end(ev(1, start("e1")) + ev(2, token("a")) + ev(2, gone));
+  });
+  const got = [];
+  for await (const e of streamTokens(`${base}/api/e1`, { body: { prompt: "x" }, resume: true })) got.push(e);
+  assert.deepEqual(got, [start("e1"), token("a"), gone]);
+  assert.equal(seen.filter((r) => r.url.startsWith("/api/e1")).length, 1, "an error ends the stream: no resume");
+});
+
 test("resume: a POST cut before its answer is sent again with the same Idempotency-Key", async () => {
   let posts = 0;
   routes.set("POST /api/k1", (req, res) => {

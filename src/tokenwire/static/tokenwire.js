@@ -21,7 +21,7 @@
  */
 
 /**
- * One event of a tokenwire stream (see PROTOCOL.md, "The event stream").
+ * One event of a tokenwire stream (docs/protocol.md, "Events").
  * @typedef {{type: "start", stream_id: string, model: string}
  *   | {type: "queued", position: number}
  *   | {type: "token", text: string}
@@ -382,7 +382,7 @@ const defaultFetch = (input, init) => globalThis.fetch(input, init);
 
 /**
  * @typedef {object} StreamOptions
- * @property {unknown} [body]  the request, sent as JSON (see PROTOCOL.md, POST /api/stream)
+ * @property {unknown} [body]  the request, sent as JSON (docs/protocol.md, "Starting a stream")
  * @property {HeadersInit} [headers]  extra headers, e.g. `{authorization: "Bearer ..."}`
  * @property {AbortSignal} [signal]  aborting ends the iteration cleanly (no exception)
  * @property {typeof fetch} [fetch]  a fetch implementation (default: the global one)
@@ -452,13 +452,15 @@ export async function* streamTokens(url, options = {}) {
       let cut;
       try {
         for await (const sse of parseSSE(/** @type {ReadableStream<Uint8Array>} */ (response.body), { onRetry })) {
-          // Ids are sequence numbers: after a reconnect, skip anything already seen.
+          // Ids are sequence numbers: after a reconnect, skip anything already seen. A reader's
+          // own terminal error (its cursor was trimmed, the store stayed down) is not in the
+          // log: it carries the id of the last event sent, and always goes through.
           const seq = /^[0-9]+$/.test(sse.id) ? Number(sse.id) : null;
+          const event = parseEvent(sse.data);
           if (seq !== null) {
-            if (seq <= state.lastSeq) continue;
+            if (seq < state.lastSeq || (seq === state.lastSeq && event.type !== "error")) continue;
             state.lastSeq = seq;
           }
-          const event = parseEvent(sse.data);
           if (event.type === "start" && typeof event.stream_id === "string") state.streamId = event.stream_id;
           if (TERMINAL_TYPES.has(event.type)) state.finished = true;
           resumeAttempts = 0;
