@@ -601,19 +601,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def post_without_reading(url: str, body: dict[str, Any]) -> socket.socket:
-    """POST ``body`` to ``url``/api/stream on a plain socket with a 4 KiB receive buffer; read nothing.
+def post_without_reading(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> socket.socket:
+    """POST ``body`` on a plain socket with a 4 KiB receive buffer; read nothing.
 
+    ``url`` is a base URL (the request goes to /api/stream) or a whole one with its path.
     For clients that stop reading: the server's writes stall as soon as the buffers are full.
     """
-    host, port = url.removeprefix("http://").split(":")
+    address, _, path = url.removeprefix("http://").partition("/")
+    host, port = address.split(":")
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect((host, int(port)))
     data = json.dumps(body).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items()).encode()
     sock.sendall(
-        b"POST /api/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data)
+        b"POST /%s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n%s"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % ((path or "api/stream").encode(), extra, len(data), data)
     )
     return sock
 

@@ -1,4 +1,4 @@
-"""Connection-level limits (issue 13, part 2): head and body deadlines, the header cap, the connection cap.
+"""Connection-level limits: head and body deadlines, the header cap, the connection cap.
 
 Each against a real ``tokenwire serve --provider scripted`` in a process of its own, over raw sockets
 (no HTTP client sends half a head), with short limits; each beside its control, a request just within
@@ -423,9 +423,10 @@ def _status_or_none(port: int) -> int | None:
 
 
 def test_idle_connections_past_the_fd_limit_do_not_lock_requests_out(tmp_path: Path) -> None:
-    # Issue 13: with 1024 file descriptors, 1100 idle connections locked out every new request (accept()
-    # failed with EMFILE and the rest waited in the listen queue).  The cap is fitted under the limit, so
-    # a new request gets its 503 at once instead.  Here, 512 descriptors and 600 idle connections.
+    # Before the cap was fitted: with 1024 file descriptors, 1100 idle connections locked out every new
+    # request (accept() failed with EMFILE and the rest waited in the listen queue).  The cap is fitted
+    # under the limit, so a new request gets its 503 at once instead.  Here, 512 descriptors and 600 idle
+    # connections.
     with run_tokenwire_serve(tmp_path, "--max-streams", "64", fd_limit=512) as server:
         idle: list[socket.socket] = []
         try:

@@ -18,7 +18,7 @@ import pytest
 from fakes import FakeOpenAIUpstream, iter_events, serve_app, wait_until
 from tokenwire import Settings, create_app
 from tokenwire._response import EventStreamResponse
-from tokenwire.providers import _upstream
+from tokenwire.providers import _httpclient
 from tokenwire.providers.openai import OpenAIProvider
 
 
@@ -47,7 +47,7 @@ def test_a_stream_is_freed_without_the_gc(monkeypatch: pytest.MonkeyPatch, gc_of
     responses: weakref.WeakSet[Any] = weakref.WeakSet()
     connections: weakref.WeakSet[Any] = weakref.WeakSet()
     _track(monkeypatch, EventStreamResponse, responses)
-    _track(monkeypatch, _upstream._Connection, connections)
+    _track(monkeypatch, _httpclient._Connection, connections)
     tokens = ["a"] * (5 if how == "finished" else 100_000)
     with FakeOpenAIUpstream(tokens=tokens, interval=0.002) as upstream:
         provider = OpenAIProvider(upstream.url + "/v1", max_idle_connections=0)

@@ -1,4 +1,4 @@
-"""tokenwire behind a real nginx with its default proxying (issue 4, part 1).
+"""tokenwire behind a real nginx with its default proxying.
 
 nginx's defaults are the ones that bite SSE: ``proxy_buffering on`` and HTTP/1.0 to the upstream.
 What these tests found, with Debian's nginx 1.22 and uvicorn 0.54:
@@ -14,7 +14,7 @@ What these tests found, with Debian's nginx 1.22 and uvicorn 0.54:
 * HTTP/1.0 upstream works (no ``proxy_http_version 1.1`` is needed for streaming) but costs a new
   upstream connection per request, and a close-delimited body makes a replica that dies mid-stream
   look like a clean end to nginx, which then ends the client's response cleanly: only the missing
-  terminal ``done``/``error`` event tells the client the stream was cut.  Hence the README advice:
+  terminal ``done``/``error`` event tells the client the stream was cut.  Hence the advice of docs/deploy.md:
   ``proxy_http_version 1.1`` + ``proxy_set_header Connection ""``.
 * gzip.  With ``gzip on; gzip_types text/event-stream`` nginx compresses the stream although tokenwire
   sends ``Cache-Control: no-transform`` (nginx ignores it), but in unbuffered mode it flushes the
@@ -28,6 +28,9 @@ What these tests found, with Debian's nginx 1.22 and uvicorn 0.54:
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -40,16 +43,16 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from fakes import serve_app
+from fakes import run_async, serve_app
 from nginx import require_nginx, run_nginx
-from tokenwire import ScriptedProvider, Settings, SSEDecoder, create_app
+from tokenwire import ScriptedProvider, Settings, SSEDecoder, create_app, stream_tokens
 
 TOKENS = [f" token{i}" for i in range(8)]
 INTERVAL = 0.12  # seconds between two tokens: the stream lasts about 1 s
 GZIP = "gzip on; gzip_types text/event-stream; gzip_proxied any; gzip_min_length 1;"
 SLOW_FIRST_TOKEN = 2.5  # seconds, against a proxy_read_timeout of 1 s
 READ_TIMEOUT = "proxy_read_timeout 1s;"
-# The settings the README recommends (section "Behind a proxy"), checked here to be valid and to stream.
+# The settings docs/deploy.md recommends (section "nginx"), checked here to be valid and to stream.
 RECOMMENDED_LOCATION = """
 proxy_http_version 1.1;
 proxy_set_header Connection "";
@@ -76,6 +79,7 @@ class Timed:
     events: list[dict[str, Any]] = field(default_factory=list)
     raw: bytearray = field(default_factory=bytearray)  # the decoded body (after any gzip)
     cut: Exception | None = None  # the stream ended with a transport error
+    request_headers: httpx.Headers | None = None  # what the client sent, where a test records it
 
     @property
     def duration(self) -> float:
@@ -157,14 +161,14 @@ def test_first_token_arrives_long_before_the_end_through_default_nginx(tokenwire
         timed = post_stream(nginx.url)
     assert_streamed(timed)
     # nginx consumes the header (proxy_hide_header hides X-Accel-* by default): a second proxy in
-    # front of this one does not see it (the README says what to do).
+    # front of this one does not see it (docs/deploy.md says what to do).
     assert "x-accel-buffering" not in timed.headers
 
 
 def test_first_token_arrives_long_before_the_end_through_nginx_with_gzip(tokenwire_url: str) -> None:
     with run_nginx([tokenwire_url], http=GZIP) as nginx:
         timed = post_stream(nginx.url, gzip=True)
-    # nginx ignores Cache-Control: no-transform and compresses (what the README warns of) ...
+    # nginx ignores Cache-Control: no-transform and compresses (what docs/deploy.md warns of) ...
     assert timed.headers.get("content-encoding") == "gzip"
     assert "no-transform" in timed.headers["cache-control"]
     # ... but flushes the compressor on every write of an unbuffered response.
@@ -219,7 +223,7 @@ def dies_mid_stream() -> Any:
     ids=["default-http1.0", "readme-settings"],
 )
 def test_over_http_1_0_a_cut_upstream_looks_like_a_clean_end(location: str, looks_clean: bool) -> None:
-    """Why the README recommends HTTP/1.1: with a close-delimited body nginx cannot tell a cut from an end."""
+    """Why docs/deploy.md recommends HTTP/1.1: a close-delimited body hides a cut from nginx."""
     with serve_app(dies_mid_stream(), http="h11", log_level="critical") as url, run_nginx(
         [url], location=location
     ) as nginx:
@@ -282,3 +286,71 @@ def test_control_a_heartbeat_longer_than_proxy_read_timeout_gets_the_stream_cut(
     assert timed.cut is not None  # nginx closed the connection without ending the chunked body
     assert 0.9 <= timed.duration < SLOW_FIRST_TOKEN, timed.duration
     assert "upstream timed out" in error_log
+
+
+# -- the Python client and `tokenwire ask` behind a compressing nginx ---------------------------
+
+# What nginx was asked for and what it answered with, per request ("-": no Content-Encoding).
+ENCODINGS_LOG = """
+log_format encodings '$request_method $http_accept_encoding -> $sent_http_content_encoding';
+access_log encodings.log encodings;
+"""
+
+
+def read_with_stream_tokens(url: str, *, force_gzip: bool = False) -> Timed:
+    """``stream_tokens`` through ``url``, timing every event; ``force_gzip`` rewrites its Accept-Encoding."""
+    responses: list[httpx.Response] = []
+
+    async def on_request(request: httpx.Request) -> None:
+        if force_gzip:
+            request.headers["accept-encoding"] = "gzip"
+
+    async def on_response(response: httpx.Response) -> None:
+        responses.append(response)
+
+    async def main() -> Timed:
+        hooks = {"request": [on_request], "response": [on_response]}
+        async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None), event_hooks=hooks) as client:
+            started = time.monotonic()
+            events = []
+            async for event in stream_tokens(url + "/api/stream", {"prompt": "hi"}, client=client):
+                events.append({**event, "_at": time.monotonic()})
+        (response,) = responses
+        ended = time.monotonic()
+        return Timed(response.headers, started, ended, events, request_headers=response.request.headers)
+
+    return run_async(main)
+
+
+def test_stream_tokens_asks_for_identity_and_nginx_does_not_compress(tokenwire_url: str) -> None:
+    with run_nginx([tokenwire_url], http=GZIP) as nginx:
+        timed = read_with_stream_tokens(nginx.url)
+    assert timed.request_headers["accept-encoding"] == "identity"
+    assert "content-encoding" not in timed.headers
+    assert_streamed(timed)
+
+
+def test_stream_tokens_decodes_a_stream_that_nginx_compresses_anyway(tokenwire_url: str) -> None:
+    """The client reads the decoded body: fed the raw one, its SSE decoder would get gzip."""
+    with run_nginx([tokenwire_url], http=GZIP) as nginx:
+        timed = read_with_stream_tokens(nginx.url, force_gzip=True)
+    assert timed.request_headers["accept-encoding"] == "gzip"
+    assert timed.headers.get("content-encoding") == "gzip"
+    assert [e["type"] for e in timed.events] == ["start"] + ["token"] * len(TOKENS) + ["done"]
+    assert [e["text"] for e in timed.events if e["type"] == "token"] == TOKENS
+    assert_streamed(timed)  # and still one by one: the gzip is undone as it arrives
+
+
+def test_ask_through_a_compressing_nginx_gets_the_stream_uncompressed(tokenwire_url: str) -> None:
+    with run_nginx([tokenwire_url], http=GZIP + ENCODINGS_LOG) as nginx:
+        process = subprocess.run(
+            [sys.executable, "-m", "tokenwire", "ask", "hi", "--url", nginx.url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log = (nginx.directory / "encodings.log").read_text()
+    assert process.returncode == 0, process.stderr
+    assert process.stdout == "".join(TOKENS) + "\n"
+    assert log.splitlines() == ["POST identity -> -"]

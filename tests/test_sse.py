@@ -157,7 +157,13 @@ def test_keepalive_is_a_comment() -> None:
     decoder = SSEDecoder()
     assert decoder.decode(KEEPALIVE * 3) == []
     assert decoder.flush() == []
-    assert KEEPALIVE.endswith(b"\n\n")
+    # One line, no blank line: a comment joins the next event's block and dispatches nothing itself.
+    assert KEEPALIVE.count(b"\n") == OPENING.count(b"\n") == 1
+    events = decoder.decode(encode_event(1, Token("x")) + KEEPALIVE + encode_event(2, Token("y")))
+    assert [(e.id, e.data) for e in events] == [
+        ("1", '{"type":"token","text":"x"}'),
+        ("2", '{"type":"token","text":"y"}'),
+    ]
 
 
 def test_opening_and_retry_dispatch_only_the_first_event() -> None:

@@ -1,6 +1,6 @@
 """The Python client: start a stream, follow it, resume it, cancel it.
 
-It speaks only PROTOCOL.md.  With ``resume=True`` it behaves like a careful
+It speaks only the protocol of docs/protocol.md.  With ``resume=True`` it behaves like a careful
 ``EventSource``: after a network error or a cut stream (no terminal event) it
 reconnects with ``GET /api/stream/{id}`` and ``Last-Event-ID``, backing off from
 the server's ``retry:``; it never re-POSTs a generation; and when the caller
@@ -44,12 +44,15 @@ async def stream_tokens(
     """
     own_client = client is None
     # HTTP/1.1 only: closing a response closes its socket, which is what stops
-    # the server's generation (FIELD-GUIDE: httpcore#943).
+    # the server's generation (over HTTP/2 no RST_STREAM is sent: encode/httpcore#943).
     http = client or httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None), http2=False)
     headers = dict(headers or {})
     state = _State()
     body = dict(body)
-    post_headers = {**headers, "accept": "text/event-stream"}
+    # Identity: a compressing proxy may hold events back.  One that compresses anyway is
+    # undone by reading the decoded body (aiter_bytes), never the raw one.
+    sse_headers = {**headers, "accept": "text/event-stream", "accept-encoding": "identity"}
+    post_headers = dict(sse_headers)
     if resume:
         body.setdefault("resumable", True)
         # A POST cut before its answer named the stream can then be sent again:
@@ -82,7 +85,7 @@ async def stream_tokens(
             request = http.build_request(
                 "GET",
                 f"{url.rstrip('/')}/{state.stream_id}",
-                headers={**headers, "accept": "text/event-stream", "last-event-id": str(state.last_seq)},
+                headers={**sse_headers, "last-event-id": str(state.last_seq)},
             )
     except (asyncio.CancelledError, GeneratorExit):
         if resume and state.stream_id is not None and not state.ended:
@@ -116,7 +119,7 @@ async def _follow(
             )
         state.stream_id = response.headers.get("x-stream-id", state.stream_id)
         decoder = SSEDecoder()
-        async for chunk in response.aiter_raw():
+        async for chunk in response.aiter_bytes():
             events = decoder.decode(chunk)
             if decoder.retry is not None:
                 state.retry_ms = decoder.retry
