@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -116,3 +117,31 @@ def test_ask_reports_an_unreachable_server() -> None:
     _, err = process.communicate(timeout=20)
     assert process.returncode == 1
     assert "cannot reach" in err
+
+
+def test_a_readers_terminal_error_with_its_cursor_as_id_is_delivered() -> None:
+    # A reader's own error (its cursor trimmed, the store down) is not in the log: its id is the
+    # last event it was sent.  The seen-id check must not take it for a replayed event.
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    error = {"type": "error", "error": {"type": "gone", "message": "fell behind", "retryable": False}}
+    body = (
+        b': stream\nretry: 1000\nid: 1\ndata: {"type":"start","stream_id":"str_x","model":"m"}\n\n'
+        b'id: 2\ndata: {"type":"token","text":"a"}\n\n'
+        b"id: 2\ndata: " + json.dumps(error).encode() + b"\n\n"
+    )
+
+    async def stream(request: object) -> Response:
+        return Response(body, media_type="text/event-stream", headers={"x-stream-id": "str_x"})
+
+    app = Starlette(routes=[Route("/api/stream", stream, methods=["POST"])])
+    with serve_app(app) as url:
+
+        async def main() -> list[dict]:
+            return [e async for e in stream_tokens(url + "/api/stream", {"prompt": "x"}, resume=True)]
+
+        events = run_async(main)
+    assert [e["type"] for e in events] == ["start", "token", "error"]
+    assert events[-1] == error

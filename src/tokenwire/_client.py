@@ -124,12 +124,14 @@ async def _follow(
             if decoder.retry is not None:
                 state.retry_ms = decoder.retry
             for sse in events:
+                event = json.loads(sse.data)
                 if sse.id.isdigit():
                     seq = int(sse.id)
-                    if seq <= state.last_seq:
-                        continue  # already delivered before a reconnect
+                    # Already delivered before a reconnect; but a reader's own terminal error is
+                    # not in the log and carries the id of the last event sent (docs/protocol.md).
+                    if seq < state.last_seq or (seq == state.last_seq and event.get("type") != "error"):
+                        continue
                     state.last_seq = seq
-                event = json.loads(sse.data)
                 if event.get("type") == "start":
                     state.stream_id = event.get("stream_id", state.stream_id)
                 if event.get("type") in TERMINAL:
