@@ -631,6 +631,15 @@ def wait_until(condition: Callable[[], bool], timeout: float = 2.0, interval: fl
     return True
 
 
+def abort_after_first_token(client: httpx.Client, url: str, body: dict[str, Any], **options: Any) -> float:
+    """POST a stream, read up to its first token, hang up; when it hung up (``time.monotonic()``)."""
+    with client.stream("POST", url, json=body, **options) as response:
+        for event in iter_events(response):
+            if event["type"] == "token":
+                break
+    return time.monotonic()
+
+
 def iter_events(response: httpx.Response) -> Iterator[dict[str, Any]]:
     """The JSON events of a tokenwire stream read with httpx (sync), as they arrive.
 

@@ -7,7 +7,6 @@ relay's cancellation, heartbeats, send timeout and resume.
 
 from __future__ import annotations
 
-import time
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fakes import FakeOpenAIUpstream, iter_events, post_without_reading, serve_app, wait_until
+from fakes import FakeOpenAIUpstream, abort_after_first_token, iter_events, post_without_reading, serve_app, wait_until
 from readme import load_readme_example
 
 CLOSE_BOUND = 1.0  # seconds from the client's abort to the upstream socket's close
@@ -56,11 +55,7 @@ def test_the_readme_example_streams(example: types.ModuleType) -> None:
 def test_an_abort_mid_stream_closes_the_upstream(example: types.ModuleType, upstream: FakeOpenAIUpstream) -> None:
     upstream.configure(tokens=[f" t{i}" for i in range(5000)], interval=0.005)
     with serve_app(example.app) as url, httpx.Client(timeout=10) as client:
-        with client.stream("POST", url + "/chat", json=chat_body()) as response:
-            for event in iter_events(response):
-                if event["type"] == "token":
-                    break
-            aborted_at = time.monotonic()
+        aborted_at = abort_after_first_token(client, url + "/chat", chat_body())
         closed_at = upstream.wait_closed(CLOSE_BOUND + 1)
         assert closed_at is not None and closed_at - aborted_at < CLOSE_BOUND
         assert wait_until(lambda: example.relay.active_streams == 0, timeout=2)
@@ -168,11 +163,7 @@ def test_an_abort_through_the_middleware_closes_the_upstream(upstream: FakeOpenA
     upstream.configure(tokens=[f" t{i}" for i in range(5000)], interval=0.005)
     with serve_app(app) as url, httpx.Client(timeout=10) as client:
         headers = {"authorization": "Bearer secret"}
-        with client.stream("POST", url + "/v1/chat", json=chat_body(), headers=headers) as response:
-            for event in iter_events(response):
-                if event["type"] == "token":
-                    break
-            aborted_at = time.monotonic()
+        aborted_at = abort_after_first_token(client, url + "/v1/chat", chat_body(), headers=headers)
         closed_at = upstream.wait_closed(CLOSE_BOUND + 1)
         assert closed_at is not None and closed_at - aborted_at < CLOSE_BOUND
         assert wait_until(lambda: app.state.relay.active_streams == 0, timeout=2)

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fakes import FakeOpenAIUpstream, active_streams, iter_events, serve_app, wait_until
+from fakes import FakeOpenAIUpstream, abort_after_first_token, active_streams, iter_events, serve_app, wait_until
 from readme import load_readme_example
 from tokenwire import Settings, create_app
 from tokenwire.providers.openai import OpenAIProvider
@@ -288,10 +288,6 @@ def test_readme_starlette_example_streams_and_cancels(upstream: FakeOpenAIUpstre
         assert done["usage"] == {"prompt_tokens": 11, "completion_tokens": 4}
 
         upstream.configure(tokens=[f" t{i}" for i in range(2000)], interval=0.005)
-        with client.stream("POST", url + "/chat", json={"prompt": "hi"}) as response:
-            for event in iter_events(response):
-                if event["type"] == "token":
-                    break
-            aborted_at = time.monotonic()
+        aborted_at = abort_after_first_token(client, url + "/chat", {"prompt": "hi"})
         closed_at = upstream.wait_closed(CLOSE_BOUND + 1)
         assert closed_at is not None and closed_at - aborted_at < CLOSE_BOUND
