@@ -1,13 +1,14 @@
-"""Run the benchmarks and write RESULTS.md, results.json and plots/ (issue 5).
+"""Run the benchmarks and write RESULTS.md, results.json and plots/.
 
-    python -m bench                 # everything, ~42 minutes; writes bench/RESULTS.md, bench/plots/
+    python -m bench                 # everything, ~45 minutes; writes bench/RESULTS.md, bench/plots/
     python -m bench --quick         # ~4 minutes; writes bench/.cache/quick/ unless --out says otherwise
     python -m bench --only latency,cancel
     python -m bench --report-only   # re-render RESULTS.md and plots from results.json
 
-Sections: latency, ceiling, cancel, memory, profile, local, parsers, soak (10 minutes per store; 30 s with
-``--quick``), faults (lost cancels, a killed replica, a Redis restart; ~2 minutes), abuse (slowloris, slow
-bodies, huge headers, a connection flood, with normal requests meanwhile; ~1 minute).  Installs its own
+Sections: latency, ceiling, cancel, memory, profile, upstream_client (the openai provider on its own HTTP
+client, on httpx and on aiohttp, interleaved; ~3 minutes), local, parsers, soak (10 minutes per store; 30 s
+with ``--quick``), faults (lost cancels, a killed replica, a Redis restart; ~2 minutes), abuse (slowloris,
+slow bodies, huge headers, a connection flood, with normal requests meanwhile; ~1 minute).  Installs its own
 dependencies first (bench/requirements.txt into this venv, bench/package.json with ``npm ci``) unless
 ``--no-install``.
 """
@@ -26,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("latency", "ceiling", "cancel", "memory", "profile", "local", "parsers", "soak", "faults", "abuse")
+SECTIONS = (
+    "latency", "ceiling", "cancel", "memory", "profile", "upstream_client", "local", "parsers", "soak", "faults", "abuse",
+)  # fmt: skip
 
 
 def install() -> None:
@@ -150,6 +153,12 @@ async def run(
                     )
             finally:
                 server.stop()
+            save()
+        if "upstream_client" in sections:
+            from . import upstream_client
+
+            with Section(results, "upstream_client"):
+                results["upstream_client"] = await upstream_client.bench(upstream, plan, log_dir, server_cpus, log)
             save()
     finally:
         await upstream.aclose()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 PACKAGES = (
     "tokenwire", "uvicorn", "uvloop", "httptools", "starlette", "fastapi", "sse-starlette", "httpx",
-    "httpcore", "httpx-sse", "llama_cpp_python", "py-spy",
+    "httpcore", "httpx-sse", "llama_cpp_python", "py-spy", "aiohttp",
 )  # fmt: skip
 
 

@@ -410,11 +410,11 @@ def text_of(events: list[Event]) -> str:
 
 def log_problems(events: list[Event], after: int = 0) -> list[str]:
     """Why ``events``, read from cursor ``after``, are not a whole stream: ids ``after``+1… without gap or
-    duplicate, and exactly one terminal event, the last.  Only a terminal ``error`` may lack an id (a
-    reader's own, which no log holds)."""
+    duplicate, and exactly one terminal event, the last.  A reader's own terminal ``error``, which no log
+    holds, repeats the id of the event before it (its cursor: ``after`` if it is the only one)."""
     problems = []
     ids = [e.get("_id") for e in events]
-    if events and ids[-1] is None and events[-1].get("type") == "error":
+    if events and events[-1].get("type") == "error" and ids[-1] == (ids[-2] if len(ids) > 1 else str(after)):
         ids.pop()
     if ids != [str(i) for i in range(after + 1, after + 1 + len(ids))]:
         problems.append(f"ids after {after} are not consecutive: {_short(ids)}")

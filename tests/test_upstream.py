@@ -1,32 +1,45 @@
-"""tokenwire's own HTTP/1.1 client for upstreams (providers/_upstream.py), where it differs from httpx.
+"""The HTTP clients that reach upstreams: tokenwire's own (providers/_httpclient.py) and httpx.
 
-The relay, provider and fault suites run through it already (test_relay.py,
+The relay, provider and fault suites run through both already (test_relay.py,
 test_openai_provider.py, test_anthropic_provider.py, test_faults.py): tokens,
 cancellation in every phase, keep-alive pooling, errors and sockets left
-behind.  Here: TLS, proxies (through httpx), a pooled connection the upstream
-closed, reading paused while the relay is behind, the size of an error body,
-headers that would break the framing, and the connect timeout.
+behind.  Here, on our own client: TLS, proxies (through httpx), reading paused
+while the relay is behind, the size of an error body, headers that would break
+the framing, the request target's percent-encoding and the connect timeout.
+On both clients, against real socket servers: a POST is never sent twice (a
+pooled connection the upstream closed while idle is replaced before the request
+is written; a connection lost after it is an error), 1xx interim answers are
+skipped, the User-Agent, an event stream line that never ends, and a request
+cancelled between connecting and writing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import re
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
+import httpx
 import pytest
 import trustme
+import uvloop
 
 from fakes import FakeOpenAIUpstream, LoopbackServer, run_async
 from tokenwire import ProviderError
 from tokenwire._events import Finish, Token
-from tokenwire.providers._upstream import MAX_BUFFERED_EVENTS
+from tokenwire.providers import _httpx_transport
+from tokenwire.providers._http import MAX_LINE, USER_AGENT
+from tokenwire.providers._httpclient import MAX_BUFFERED
 from tokenwire.providers.base import GenerationRequest
 from tokenwire.providers.openai import OpenAIProvider
+
+T = TypeVar("T")
 
 REQUEST = GenerationRequest(messages=[{"role": "user", "content": "hi"}])
 
@@ -113,66 +126,11 @@ def upstream() -> Iterator[FakeOpenAIUpstream]:
         yield fake
 
 
-# -- keep-alive ------------------------------------------------------------------------------
-
-
-class DroppingUpstream(LoopbackServer):
-    """Answers each request on a connection whole (keep-alive), then closes the connection when told."""
-
-    thread_name = "dropping-upstream"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.connections = 0
-        self.requests = 0
-        self.drop = threading.Event()
-        self.dropped = threading.Event()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            await reader.readuntil(b"\r\n\r\n")  # the body is small and ignored
-            self.requests += 1
-            body = (
-                b'data: {"choices":[{"delta":{"content":"ok"},"finish_reason":"stop"}]}\n\n'
-                b"data: [DONE]\n\n"
-            )
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-            await writer.drain()
-            await asyncio.to_thread(self.drop.wait, 5)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            self.dropped.set()
-
-
-def test_a_pooled_connection_the_upstream_closed_is_replaced() -> None:
-    async def main() -> tuple[list[Any], list[Any]]:
-        with DroppingUpstream() as server:
-            provider = OpenAIProvider(f"http://127.0.0.1:{server.port}/v1")
-            try:
-                first = [e async for e in provider.stream(REQUEST)]
-                # The upstream closes the idle connection; this loop is blocked meanwhile, so the
-                # pool has not seen the close yet when the next request goes out on that connection.
-                server.drop.set()
-                assert server.dropped.wait(5)
-                second = [e async for e in provider.stream(REQUEST)]
-            finally:
-                server.drop.set()
-                await provider.aclose()
-            assert server.connections == 2 and server.requests == 2
-            return first, second
-
-    first, second = run_async(main)
-    assert tokens(first) == tokens(second) == ["ok"]
-
-
 # -- reading paused while the relay is behind ---------------------------------------------------
 
 
 def test_a_burst_larger_than_the_buffer_arrives_whole_and_in_order(upstream: FakeOpenAIUpstream) -> None:
-    words = [f"w{i} " for i in range(MAX_BUFFERED_EVENTS * 8)]
+    words = [f"w{i} " for i in range(MAX_BUFFERED // 16)]  # several times the buffer, as events
     upstream.configure(tokens=words)
     events = run_async(lambda: collect(OpenAIProvider(upstream.url + "/v1"), pause_every=50))
     assert tokens(events) == words and isinstance(events[-1], Finish)
@@ -255,3 +213,329 @@ def test_connecting_has_a_deadline() -> None:
 
         assert 0.25 <= run_async(timed) < 3.0
 
+
+# -- both clients, against real socket servers ---------------------------------------------------
+
+ANSWER = b'data: {"choices":[{"delta":{"content":"ok"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+WHOLE_ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s" % (
+    len(ANSWER),
+    ANSWER,
+)
+
+
+@pytest.fixture(params=["tokenwire", "tokenwire-uvloop", "httpx"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Our own client (on asyncio's loop and on uvloop, which the server runs), or a caller's httpx client."""
+    return request.param
+
+
+def run_on(transport: str, main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    if transport.endswith("-uvloop"):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(uvloop.run, main()).result()
+    return run_async(main)
+
+
+@contextlib.asynccontextmanager
+async def provider_on(transport: str, base_url: str) -> AsyncIterator[OpenAIProvider]:
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0)) if transport == "httpx" else None
+    provider = OpenAIProvider(base_url, client=client)
+    try:
+        yield provider
+    finally:
+        await provider.aclose()
+        if client is not None:
+            await client.aclose()
+
+
+async def read_all(provider: OpenAIProvider) -> list[Any]:
+    async with contextlib.aclosing(provider.stream(REQUEST)) as stream:
+        return [event async for event in stream]
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes | None:
+    """One request's head (its body read and dropped), or None at a clean EOF."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise
+        return None
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    await reader.readexactly(int(length.group(1)) if length else 0)
+    return head
+
+
+class KeepAliveUpstream(LoopbackServer):
+    """Answers a connection's first request whole, keeping the connection; then does ``after_first``.
+
+    ``requests`` counts every request that arrived, on any connection: a request
+    sent twice shows there.
+    """
+
+    thread_name = "keep-alive-upstream"
+
+    def __init__(self, after_first: str) -> None:
+        super().__init__()
+        self.after_first = after_first  # "half-close" or "close after the next request"
+        self.connections = 0
+        self.requests = 0
+        self.drop = threading.Event()
+        self.dropped = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        first = True
+        try:
+            while await read_request(reader) is not None:
+                self.requests += 1
+                if first:
+                    writer.write(WHOLE_ANSWER)
+                    await writer.drain()
+                    first = False
+                    if self.after_first == "half-close":
+                        await asyncio.to_thread(self.drop.wait, 5)
+                        # Our FIN is on its way before the test goes on; a request that still
+                        # arrives on this connection is read and counted, never answered.
+                        writer.write_eof()
+                        self.dropped.set()
+                elif self.after_first == "close after the next request":
+                    return  # the whole request was read: close without an answer
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+def test_a_pooled_connection_the_upstream_closed_is_replaced_before_the_request_is_written(transport: str) -> None:
+    async def main() -> tuple[list[Any], list[Any]]:
+        with KeepAliveUpstream("half-close") as server:
+            async with provider_on(transport, server.url) as provider:
+                first = await read_all(provider)
+                # The upstream closes the idle connection; this loop is blocked meanwhile, so the
+                # client has not read the EOF yet when the next request is about to go out.
+                server.drop.set()
+                assert server.dropped.wait(5)
+                second = await read_all(provider)
+            assert server.connections == 2, "the second request did not get a new connection"
+            assert server.requests == 2, "a request was written on the connection the upstream had closed"
+            return first, second
+
+    first, second = run_on(transport, main)
+    assert tokens(first) == tokens(second) == ["ok"]
+
+
+def test_a_connection_lost_after_the_request_was_written_is_an_error_never_a_second_request(
+    transport: str,
+) -> None:
+    async def main() -> tuple[list[Any], ProviderError]:
+        with KeepAliveUpstream("close after the next request") as server:
+            async with provider_on(transport, server.url) as provider:
+                first = await read_all(provider)
+                with pytest.raises(ProviderError) as info:
+                    await read_all(provider)  # on the pooled connection, which dies once it has the request
+            # A second request would be a second generation, billed twice.
+            assert (server.connections, server.requests) == (1, 2)
+            return first, info.value
+
+    first, error = run_on(transport, main)
+    assert tokens(first) == ["ok"]
+    assert "closed the connection before answering" in error.message, error.message
+    assert error.error_type == "upstream_error" and error.retryable
+
+
+class InterimUpstream(LoopbackServer):
+    """Answers with interim 1xx responses before the final one."""
+
+    thread_name = "interim-upstream"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n" + WHOLE_ANSWER)
+            await writer.drain()
+            await read_request(reader)  # until the client closes or pools the connection
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+def test_interim_1xx_answers_are_skipped(transport: str) -> None:
+    async def main() -> list[Any]:
+        with InterimUpstream() as server:
+            async with provider_on(transport, f"http://127.0.0.1:{server.port}/v1") as provider:
+                return await read_all(provider)
+
+    events = run_on(transport, main)
+    assert tokens(events) == ["ok"] and isinstance(events[-1], Finish)
+
+
+class EndlessLineUpstream(LoopbackServer):
+    """Answers 200 and an event stream that never sends a line end; notes when the client hangs up."""
+
+    thread_name = "endless-line-upstream"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hung_up = threading.Event()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            writer.write(b"6\r\ndata: \r\n")
+            piece = b"%x\r\n%s\r\n" % (64 * 1024, b"x" * 64 * 1024)
+            for _ in range(4 * MAX_LINE // (64 * 1024)):
+                writer.write(piece)
+                await writer.drain()
+            # A client still reading: end the body, so that it fails the test rather than hang.
+            writer.write(b"0\r\n\r\n")
+            await reader.read()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.hung_up.set()
+            writer.close()
+
+
+def test_a_line_that_never_ends_fails_the_stream(transport: str) -> None:
+    async def main() -> ProviderError:
+        with EndlessLineUpstream() as server:
+            async with provider_on(transport, f"http://127.0.0.1:{server.port}/v1") as provider:
+                with pytest.raises(ProviderError) as info:
+                    await read_all(provider)
+                hung_up = await asyncio.to_thread(server.hung_up.wait, 5)
+            assert hung_up, "the upstream still had its connection"
+            return info.value
+
+    error = run_on(transport, main)
+    assert "over-long line" in error.message and "1 MiB" in error.message, error.message
+    assert error.error_type == "upstream_error" and not error.retryable
+
+
+def test_an_event_under_the_line_bound_arrives_whole(transport: str, upstream: FakeOpenAIUpstream) -> None:
+    # Over many reads, and over half the bound: a tool call's arguments or a long text in one event.
+    big = "y" * (MAX_LINE * 3 // 4)
+    upstream.configure(tokens=["a", big, "b"])
+
+    async def main() -> list[Any]:
+        async with provider_on(transport, upstream.url + "/v1") as provider:
+            return await read_all(provider)
+
+    assert tokens(run_on(transport, main)) == ["a", big, "b"]
+
+
+def test_the_user_agent_is_tokenwire_unless_the_callers_client_has_its_own(upstream: FakeOpenAIUpstream) -> None:
+    async def main() -> None:
+        async with provider_on("tokenwire", upstream.url + "/v1") as provider:
+            await read_all(provider)
+        async with provider_on("httpx", upstream.url + "/v1") as provider:
+            await read_all(provider)
+        async with httpx.AsyncClient(headers={"user-agent": "my-app/2"}) as client:
+            provider = OpenAIProvider(upstream.url + "/v1", client=client)
+            await read_all(provider)
+
+    run_async(main)
+    assert USER_AGENT.startswith("tokenwire/") and USER_AGENT != "tokenwire/"
+    assert [r.headers.get("user-agent") for r in upstream.requests] == [USER_AGENT, USER_AGENT, "my-app/2"]
+
+
+class TargetRecorder(LoopbackServer):
+    """Answers every request whole; remembers each request line's target."""
+
+    thread_name = "target-recorder"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.targets: list[str] = []
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while (head := await read_request(reader)) is not None:
+                self.targets.append(head.split(b" ")[1].decode("latin-1"))
+                writer.write(WHOLE_ANSWER)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "target"),
+    [
+        ("/v1", "/v1/chat/completions"),
+        ("/my models/v1", "/my%20models/v1/chat/completions"),
+        ("/modèle", "/mod%C3%A8le/chat/completions"),  # UTF-8, then percent-encoded
+        ("/a%20b/x%2Fy", "/a%20b/x%2Fy/chat/completions"),  # escapes already there stay as they are
+        ("/100%/v1", "/100%25/v1/chat/completions"),  # a "%" that starts no escape is one
+        ("/a\"<>`{}|^[]\\/v1", "/a%22%3C%3E%60%7B%7D%7C%5E%5B%5D%5C/v1/chat/completions"),
+        ("/-._~!$&'()*+,;=:@/v1", "/-._~!$&'()*+,;=:@/v1/chat/completions"),  # RFC 3986 pchar: as they are
+    ],
+)
+def test_the_request_target_is_percent_encoded(path: str, target: str) -> None:
+    async def main() -> list[Any]:
+        with TargetRecorder() as server:
+            async with provider_on("tokenwire", f"http://127.0.0.1:{server.port}{path}") as provider:
+                events = await read_all(provider)
+            assert server.targets == [target]
+            return events
+
+    assert tokens(run_async(main)) == ["ok"]
+
+
+class AcceptingUpstream(LoopbackServer):
+    """Accepts connections and reads them to their end: notes each that closes, request or not."""
+
+    thread_name = "accepting-upstream"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accepted = threading.Event()
+        self.closed = threading.Event()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted.set()
+        try:
+            while await reader.read(65536):
+                pass
+        except ConnectionError:
+            pass
+        finally:
+            self.closed.set()
+            writer.close()
+
+
+def test_an_httpx_request_cancelled_between_connecting_and_writing_leaves_no_connection_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The cancellation lands at the first await after the connection is made, before
+    # httpcore has written a byte of the request: the new connection has no response to close.
+    trace = _httpx_transport._HTTPXExchange._trace
+
+    async def cancel_once_connected(self: Any, event: str, info: dict[str, Any]) -> None:
+        await trace(self, event, info)
+        if event == "connection.connect_tcp.complete":
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+
+    monkeypatch.setattr(_httpx_transport._HTTPXExchange, "_trace", cancel_once_connected)
+
+    async def main() -> bool:
+        with AcceptingUpstream() as server:
+            async with provider_on("httpx", f"http://127.0.0.1:{server.port}/v1") as provider:
+                with pytest.raises(asyncio.CancelledError):
+                    await read_all(provider)
+                assert await asyncio.to_thread(server.accepted.wait, 2)
+                # Asked while the provider and its httpx client, pool included, are still open.
+                return await asyncio.to_thread(server.closed.wait, 2)
+
+    assert run_async(main), "the upstream still had the connection of a request that was never sent"

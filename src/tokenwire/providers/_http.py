@@ -2,16 +2,20 @@
 
 :class:`HTTPProvider` turns one POST into provider events through an
 :class:`SSEParser` (one per API format); the OpenAI and Anthropic providers
-differ only in the request they build and the parser they use.  It sends the
-request with tokenwire's own HTTP/1.1 client (:mod:`._upstream`), or with
-httpx for a caller's own client or a proxy.
+differ only in the request they build and the parser they use.  The request
+goes through a :class:`~._transport.Transport`: tokenwire's own HTTP/1.1
+client (:mod:`._httpclient`), or httpx (:mod:`._httpx_transport`) for a
+caller's own client or a proxy.  Whichever client fetched it, an answer is read
+here, one way: its error body, its events, the rest of its body after the last
+event, and what a connection cut before the end means.
 
 Cancellation is the point of this module.  The upstream is reached over
 HTTP/1.1 only: closing a partially read HTTP/1.1 response closes its socket,
 which is how vLLM, llama.cpp and Ollama learn to stop generating; over HTTP/2
-no RST_STREAM is sent and the upstream keeps going (FIELD-GUIDE, httpcore#943).
-On both paths the answer lives in an ``async with`` around every ``await`` and
-``yield`` of the stream, so a cancelled task or a closed generator closes it.
+no RST_STREAM is sent and the upstream keeps going (httpcore#943).  The answer
+lives in an ``async with`` around every ``await`` and ``yield`` of the stream,
+so a cancelled task or a closed generator closes it, and the exchange's
+``abort`` is registered with the generation's stop signal.
 """
 
 from __future__ import annotations
@@ -19,30 +23,52 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import importlib.metadata
 import json
-import socket as socket_module
 import ssl
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from .._events import Finish, ProviderEvent
 from .._exceptions import ProviderError
 from .._sse import ServerSentEvent, SSEDecoder
-from ._upstream import (
-    DRAIN_TIMEOUT,
-    MAX_ERROR_BODY,
+from ._httpclient import HTTPClient
+from ._httpx_transport import HTTPXTransport, create_client
+from ._transport import (
     ConnectError,
-    StatusError,
-    Target,
-    UpstreamPool,
-    request_head,
+    ConnectionLost,
+    Exchange,
+    Transport,
+    TransportError,
+    TransportTimeout,
+    describe,
 )
 from .base import Provider, on_stop
 
 MAX_MESSAGE = 500  # characters of an upstream message we pass on
+MAX_ERROR_BODY = 64 * 1024  # bytes of an error answer we keep to find its message
+DRAIN_TIMEOUT = 1.0  # seconds we wait for the end of the body after the last event
+# The longest line of an event stream we hold while it arrives.  A streamed chunk
+# is a few hundred bytes; a whole tool call's arguments or a long completion in
+# one event can reach tens of KiB.  1 MiB is far above any of them, and bounds
+# what an upstream that never sends a line end (a wrong URL serving a binary
+# file, a broken proxy) makes a stream hold.
+MAX_LINE = 1024 * 1024
+
+
+def _user_agent() -> str:
+    try:
+        version = importlib.metadata.version("tokenwire")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0"
+    return f"tokenwire/{version}"
+
+
+USER_AGENT = _user_agent()
 
 
 class SSEParser(abc.ABC):
@@ -74,7 +100,7 @@ class SSEParser(abc.ABC):
 class HTTPProvider(Provider):
     """A provider that POSTs JSON to an HTTP API and reads its answer as SSE.
 
-    Requests go through tokenwire's own HTTP/1.1 client (:mod:`._upstream`),
+    Requests go through tokenwire's own HTTP/1.1 client (:mod:`._httpclient`),
     except when the caller passes ``client``, an ``httpx.AsyncClient`` to
     share (it must not use HTTP/2 and is not closed by :meth:`aclose`), or a
     proxy in the environment (``HTTPS_PROXY``, ``ALL_PROXY``... minus
@@ -99,105 +125,89 @@ class HTTPProvider(Provider):
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._connect_timeout = connect_timeout
-        self._client = client
-        self._owns_client = client is None
         self._max_idle = max_idle_connections
         self._ssl_context = ssl_context
-        self._pool = UpstreamPool(
-            connect_timeout=connect_timeout, max_idle=max_idle_connections, ssl_context=ssl_context
-        )
-        self._targets: dict[str, Target | None] = {}  # url -> where it goes; None: through httpx
+        self._own = HTTPClient(connect_timeout=connect_timeout, max_idle=max_idle_connections, ssl_context=ssl_context)
+        self._given = HTTPXTransport(client) if client is not None else None
+        self._proxied: HTTPXTransport | None = None  # made for the first URL a proxy covers
+        self._transports: dict[str, Transport] = {}
 
     def __repr__(self) -> str:  # never shows the key
         return f"{type(self).__name__}({self.base_url!r}, model={self.default_model!r})"
 
     async def aclose(self) -> None:
-        await self._pool.aclose()
-        if self._owns_client and self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
+        await self._own.aclose()
+        if self._proxied is not None:
+            proxied, self._proxied = self._proxied, None
+            self._transports.clear()
+            await proxied.aclose()
 
-    def _get_client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                http2=False,
-                # Only connecting has a deadline here: the relay owns the time
-                # limits of a generation (max_duration, stall timeouts, cancellation).
-                timeout=httpx.Timeout(None, connect=self._connect_timeout),
-                # No connection cap: admission is the relay's job, and a hidden
-                # pool limit would queue streams without telling anyone.
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=self._max_idle),
-                verify=self._ssl_context or True,
-            )
-        return self._client
-
-    def _target(self, url: str) -> Target | None:
-        """Where ``url``'s requests go directly, or None if httpx carries them (a client passed in, a proxy)."""
-        try:
-            return self._targets[url]
-        except KeyError:
-            pass
-        target: Target | None = None
-        if self._owns_client:
-            target = Target.parse(url)
+    def _transport_for(self, url: str) -> Transport:
+        """The client that carries ``url``'s requests: the caller's, httpx for a proxy, or ours."""
+        transport = self._transports.get(url)
+        if transport is not None:
+            return transport
+        transport = self._given or self._own
+        if self._given is None:
+            parts = urlsplit(url)
             proxies = urllib.request.getproxies_environment()
-            if proxies.get(target.scheme) or proxies.get("all"):
-                if not urllib.request.proxy_bypass_environment(target.netloc, proxies):
-                    target = None
-        self._targets[url] = target
-        return target
+            if proxies.get(parts.scheme) or proxies.get("all"):
+                if not urllib.request.proxy_bypass_environment(parts.netloc.rpartition("@")[2], proxies):
+                    if self._proxied is None:
+                        client = create_client(
+                            connect_timeout=self._connect_timeout,
+                            max_idle=self._max_idle,
+                            verify=self._ssl_context or True,
+                        )
+                        self._proxied = HTTPXTransport(client, owned=True)
+                    transport = self._proxied
+        self._transports[url] = transport
+        return transport
 
     def stream_sse(
         self, url: str, body: dict[str, Any], headers: dict[str, str], parser: SSEParser
     ) -> AsyncIterator[ProviderEvent]:
         """POST ``body`` to ``url`` and yield what ``parser`` makes of the answer, ``Finish`` last."""
         headers = {
+            "content-type": "application/json",
             "accept": "text/event-stream",
             # A compressed event stream could be buffered by the upstream's encoder.
             "accept-encoding": "identity",
+            "user-agent": USER_AGENT,
             **headers,
         }
-        target = self._target(url)
-        if target is None:
-            return self._stream_httpx(url, body, headers, parser)
-        return self._stream_direct(target, body, headers, parser)
-
-    async def _stream_direct(
-        self, target: Target, body: dict[str, Any], headers: dict[str, str], parser: SSEParser
-    ) -> AsyncIterator[ProviderEvent]:
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        return self._stream(self._transport_for(url), url, headers, content, parser)
+
+    async def _stream(
+        self, transport: Transport, url: str, headers: dict[str, str], content: bytes, parser: SSEParser
+    ) -> AsyncIterator[ProviderEvent]:
         try:
-            head = request_head(target, headers, len(content))
+            exchange = transport.exchange(url, headers, content)
         except ValueError as exc:
             raise ProviderError("upstream_error", f"cannot send the request to the upstream: {exc}") from None
+        # A stopped generation aborts the socket at once, whatever this task awaits then.
+        forget = on_stop(exchange.abort)
         try:
-            async with contextlib.aclosing(self._pool.stream(target, head, content, parser)) as events:
-                async for event in events:
-                    yield event
-        except StatusError as exc:
-            raise self._status_error(exc.status, exc.headers, exc.body) from None
-        except ConnectError as exc:
-            raise self._connect_error(exc.__cause__ or exc) from None
-        yield parser.end()
-
-    async def _stream_httpx(
-        self, url: str, body: dict[str, Any], headers: dict[str, str], parser: SSEParser
-    ) -> AsyncIterator[ProviderEvent]:
-        client = self._get_client()
-        socket = _NewSocket()
-        try:
-            async with client.stream(
-                "POST", url, json=body, headers=headers, extensions={"trace": socket.trace}
-            ) as response:
-                socket.answered = True
-                if not response.is_success:
-                    raise self._status_error(
-                        response.status_code, response.headers, await _read_error_body(response)
-                    )
+            async with exchange:
+                await exchange.send()
+                if not 200 <= exchange.status < 300:
+                    raise self._status_error(exchange.status, exchange.headers, await _read_error_body(exchange))
                 decoder = SSEDecoder()
-                async with contextlib.aclosing(response.aiter_bytes()) as chunks:
+                unterminated = 0  # bytes of the line still arriving
+                async with contextlib.aclosing(exchange.aiter_bytes()) as chunks:
                     try:
                         async for chunk in chunks:
+                            if chunk[-1:] in (b"\n", b"\r"):  # most reads end with an event
+                                unterminated = 0
+                            else:
+                                end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
+                                unterminated = len(chunk) - end - 1 if end >= 0 else unterminated + len(chunk)
+                                if unterminated > MAX_LINE:
+                                    raise malformed(
+                                        f"an over-long line (over {MAX_LINE / 2**20:g} MiB without a line end): "
+                                        "is the base URL an event stream's?"
+                                    )
                             for sse in decoder.decode(chunk):
                                 for event in parser.feed(sse):
                                     yield event
@@ -206,37 +216,36 @@ class HTTPProvider(Provider):
                             if parser.done:
                                 # Read the end of the body so that the connection is
                                 # pooled; one that stays open is closed instead.
-                                with contextlib.suppress(TimeoutError, httpx.HTTPError):
+                                with contextlib.suppress(TimeoutError, TransportError):
                                     async with asyncio.timeout(DRAIN_TIMEOUT):
                                         async for _ in chunks:
                                             pass
                                 break
-                    except httpx.TransportError as exc:
+                    except ConnectionLost as exc:
                         # An answer with its finish reason is complete, even if the
                         # connection dropped before the final event.
                         if not parser.complete:
                             raise ProviderError(
                                 "upstream_error",
-                                f"the connection to the upstream was lost mid-stream ({describe(exc)})",
+                                f"the connection to the upstream was lost mid-stream ({exc})",
                                 retryable=True,
                             ) from None
-        except (httpx.ConnectTimeout, httpx.ConnectError) as exc:
-            raise self._connect_error(exc) from None
-        except httpx.TimeoutException as exc:
+        except ConnectError as exc:
+            raise self._connect_error(exc.__cause__ or exc) from None
+        except ConnectionLost as exc:
             raise ProviderError(
-                "upstream_timeout", f"the upstream timed out ({describe(exc)})", retryable=True
+                "upstream_error", f"the upstream closed the connection before answering ({exc})", retryable=True
             ) from None
-        except httpx.HTTPError as exc:
-            raise ProviderError(
-                "upstream_error", f"the request to the upstream failed ({describe(exc)})", retryable=True
-            ) from None
+        except TransportTimeout as exc:
+            raise ProviderError("upstream_timeout", str(exc), retryable=True) from None
+        except TransportError as exc:
+            raise ProviderError("upstream_error", str(exc), retryable=True) from None
         finally:
-            socket.forget()
-            await socket.close_unless_answered()
+            forget()
         yield parser.end()
 
     def _connect_error(self, exc: BaseException) -> ProviderError:
-        if isinstance(exc, (TimeoutError, httpx.ConnectTimeout)):
+        if isinstance(exc, TimeoutError):
             return ProviderError(
                 "upstream_timeout",
                 f"could not connect to the upstream at {self._where()} within {self._connect_timeout:g} s",
@@ -278,50 +287,15 @@ class HTTPProvider(Provider):
         return text
 
 
-async def _read_error_body(response: httpx.Response) -> bytes:
+async def _read_error_body(exchange: Exchange) -> bytes:
     body = bytearray()
-    try:
-        async with contextlib.aclosing(response.aiter_bytes()) as chunks:
+    with contextlib.suppress(TransportError):  # the status says enough
+        async with contextlib.aclosing(exchange.aiter_bytes()) as chunks:
             async for chunk in chunks:
                 body += chunk
                 if len(body) >= MAX_ERROR_BODY:
                     break
-    except httpx.HTTPError:
-        pass  # the status says enough
     return bytes(body[:MAX_ERROR_BODY])
-
-
-class _NewSocket:
-    """The socket httpcore opens for one request, closed here if the request never got an answer.
-
-    httpcore 1.0.9 keeps a new HTTP/1.1 connection open (in its pool, state NEW,
-    never used again) when the request is cancelled between connecting and sending
-    its headers: the upstream would hold an idle socket until the pool is closed.
-    Once a response exists, closing it closes the socket and this is not needed.
-    """
-
-    def __init__(self) -> None:
-        self.stream: Any = None
-        self.answered = False
-        self.forget: Callable[[], None] = lambda: None
-
-    async def trace(self, event: str, info: dict[str, Any]) -> None:
-        if event == "connection.connect_tcp.complete":
-            self.stream = info.get("return_value")
-            # A stopped generation shuts the socket down at once, whatever httpx awaits then.
-            self.forget = on_stop(self.shutdown)
-
-    def shutdown(self) -> None:
-        sock = self.stream.get_extra_info("socket") if self.stream is not None else None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket_module.SHUT_RDWR)
-
-    async def close_unless_answered(self) -> None:
-        if self.stream is not None and not self.answered:
-            # Closing a socket httpcore closed already does nothing.
-            with contextlib.suppress(Exception):
-                await self.stream.aclose()
 
 
 def malformed(what: str) -> ProviderError:
@@ -357,12 +331,3 @@ def message_of(payload: Any) -> str | None:
         return payload["message"]
     return None
 
-
-def describe(exc: BaseException) -> str:
-    # httpx's ReadError for a reset connection has no text of its own: ask its causes.
-    cause: BaseException | None = exc
-    while cause is not None:
-        if str(cause):
-            return str(cause)
-        cause = cause.__cause__ or cause.__context__
-    return type(exc).__name__
