@@ -462,7 +462,8 @@ class Relay:
     ) -> StreamEvent | None:
         """Append the provider's events to the log; the terminal event, or None once stopped.
 
-        The token branch is the relay's hot path: it appends inline, without ``emit``.
+        The token branch is the relay's hot path: it appends inline, without ``emit``,
+        and keeps its counts in locals, handed to ``progress`` when this returns or raises.
         """
         stop = generation.stop
         stream_id = generation.meta.stream_id
@@ -471,65 +472,76 @@ class Relay:
         metrics = self.metrics
         loop = asyncio.get_running_loop()
         last_token_at = generation.started
+        seq = confirmed = tokens = 0
+        last_data = b""
+        phase = progress.phase
 
         async def emit(event: StreamEvent) -> None:
-            progress.seq += 1
-            progress.last_data = encode_event(progress.seq, event)
-            if await store.append(stream_id, progress.seq, progress.last_data):
+            nonlocal seq, confirmed, last_data
+            seq += 1
+            last_data = encode_event(seq, event)
+            if await store.append(stream_id, seq, last_data):
                 self._stop(generation, CANCELLED_ELSEWHERE)
-            progress.confirmed = progress.seq
+            confirmed = seq
             if stop.reason is not None:
                 raise asyncio.CancelledError
 
-        await emit(Start(stream_id, generation.meta.model))
-        stream = self.provider.stream(request)
-        deadline = loop.call_later(options.max_duration, self._stop, generation, DEADLINE)
-        # One watch for "no token yet" and "no token lately", moved by every token, so
-        # that heartbeats to the client never hide a stalled upstream.
-        stall = _StallWatch(loop, options.first_token_timeout, lambda: self._stop(generation, STALLED))
+        deadline = stall = stream = None
         try:
+            await emit(Start(stream_id, generation.meta.model))
+            stream = self.provider.stream(request)
+            deadline = loop.call_later(options.max_duration, self._stop, generation, DEADLINE)
+            # One watch for "no token yet" and "no token lately", moved by every token, so
+            # that heartbeats to the client never hide a stalled upstream.
+            stall = _StallWatch(loop, options.first_token_timeout, lambda: self._stop(generation, STALLED))
             async for event in stream:
                 kind = type(event)
                 if kind is Token:
                     now = loop.time()
-                    if progress.tokens:
+                    if tokens:
                         metrics.inter_token_delay.observe(now - last_token_at)
                     else:
                         metrics.time_to_first_token.observe(now - generation.started)
-                        progress.phase = "mid_stream"
+                        phase = "mid_stream"
                     last_token_at = now
                     stall.move(now + options.idle_timeout)
-                    progress.tokens += 1
-                    seq = progress.seq = progress.seq + 1
-                    data = progress.last_data = encode_token_event(seq, event.text)  # type: ignore[union-attr]
-                    if await store.append(stream_id, seq, data):
+                    tokens += 1
+                    seq += 1
+                    last_data = encode_token_event(seq, event.text)  # type: ignore[union-attr]
+                    if await store.append(stream_id, seq, last_data):
                         self._stop(generation, CANCELLED_ELSEWHERE)
-                    progress.confirmed = seq
+                    confirmed = seq
                     if stop.reason is not None:
                         raise asyncio.CancelledError
                 elif kind is Finish:
+                    progress.tokens = tokens
                     return Done(event.finish_reason, event.usage or progress.usage())  # type: ignore[union-attr]
                 elif kind is UsageUpdate:
                     progress.reported = event.usage  # type: ignore[union-attr]
                 else:
                     if kind is Queued:
-                        progress.phase = "queued"
+                        phase = "queued"
                         stall.move(None)  # waiting for the model is bounded by the deadline
                     else:
-                        if progress.phase == "queued":
-                            progress.phase = "before_first_token"
+                        if phase == "queued":
+                            phase = "before_first_token"
                         # Reasoning is output too; any other event before the first
                         # token restarts the wait for it.
-                        wait = options.idle_timeout if progress.tokens else options.first_token_timeout
+                        wait = options.idle_timeout if tokens else options.first_token_timeout
                         stall.move(loop.time() + wait)
                     await emit(event)  # type: ignore[arg-type]
             if stop.reason is None:
                 return Error("upstream_error", "the model ended the stream without finishing it", True)
             return None
         finally:
-            deadline.cancel()
-            stall.close()
-            await stream.aclose()  # type: ignore[attr-defined]
+            progress.seq, progress.confirmed, progress.last_data = seq, confirmed, last_data
+            progress.tokens, progress.phase = tokens, phase
+            if deadline is not None:
+                deadline.cancel()
+            if stall is not None:
+                stall.close()
+            if stream is not None:
+                await stream.aclose()  # type: ignore[attr-defined]
 
     def _failure(self, generation: _Generation, exc: Exception) -> tuple[StreamEvent | None, bool]:
         """The terminal event for what a generation raised, and whether this replica writes it."""
