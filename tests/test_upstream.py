@@ -34,7 +34,7 @@ from fakes import FakeOpenAIUpstream, LoopbackServer, run_async
 from tokenwire import ProviderError
 from tokenwire._events import Finish, Token
 from tokenwire.providers import _httpx_transport
-from tokenwire.providers._http import MAX_LINE, USER_AGENT
+from tokenwire.providers._http import MAX_EVENT, USER_AGENT
 from tokenwire.providers._httpclient import MAX_BUFFERED
 from tokenwire.providers.base import GenerationRequest
 from tokenwire.providers.openai import OpenAIProvider
@@ -377,13 +377,18 @@ def test_interim_1xx_answers_are_skipped(transport: str) -> None:
     assert tokens(events) == ["ok"] and isinstance(events[-1], Finish)
 
 
-class EndlessLineUpstream(LoopbackServer):
-    """Answers 200 and an event stream that never sends a line end; notes when the client hangs up."""
+class EndlessEventUpstream(LoopbackServer):
+    """Answers 200 and an event stream whose first event never ends; notes when the client hangs up.
 
-    thread_name = "endless-line-upstream"
+    ``line`` is what it repeats: one endless line (no line end), or whole ``data:`` lines with no
+    blank line between them.
+    """
 
-    def __init__(self) -> None:
+    thread_name = "endless-event-upstream"
+
+    def __init__(self, line: bytes) -> None:
         super().__init__()
+        self.line = line
         self.hung_up = threading.Event()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -391,8 +396,9 @@ class EndlessLineUpstream(LoopbackServer):
             await read_request(reader)
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
             writer.write(b"6\r\ndata: \r\n")
-            piece = b"%x\r\n%s\r\n" % (64 * 1024, b"x" * 64 * 1024)
-            for _ in range(4 * MAX_LINE // (64 * 1024)):
+            body = self.line * (64 * 1024 // len(self.line))
+            piece = b"%x\r\n%s\r\n" % (len(body), body)
+            for _ in range(4 * MAX_EVENT // len(body)):
                 writer.write(piece)
                 await writer.drain()
             # A client still reading: end the body, so that it fails the test rather than hang.
@@ -405,9 +411,10 @@ class EndlessLineUpstream(LoopbackServer):
             writer.close()
 
 
-def test_a_line_that_never_ends_fails_the_stream(transport: str) -> None:
+@pytest.mark.parametrize("line", [b"x", b"data: x\n"], ids=["a line without end", "data lines without a blank line"])
+def test_an_event_that_never_ends_fails_the_stream(transport: str, line: bytes) -> None:
     async def main() -> ProviderError:
-        with EndlessLineUpstream() as server:
+        with EndlessEventUpstream(line) as server:
             async with provider_on(transport, f"http://127.0.0.1:{server.port}/v1") as provider:
                 with pytest.raises(ProviderError) as info:
                     await read_all(provider)
@@ -416,13 +423,13 @@ def test_a_line_that_never_ends_fails_the_stream(transport: str) -> None:
             return info.value
 
     error = run_on(transport, main)
-    assert "over-long line" in error.message and "1 MiB" in error.message, error.message
+    assert "over-long event" in error.message and "1 MiB" in error.message, error.message
     assert error.error_type == "upstream_error" and not error.retryable
 
 
-def test_an_event_under_the_line_bound_arrives_whole(transport: str, upstream: FakeOpenAIUpstream) -> None:
+def test_an_event_under_the_bound_arrives_whole(transport: str, upstream: FakeOpenAIUpstream) -> None:
     # Over many reads, and over half the bound: a tool call's arguments or a long text in one event.
-    big = "y" * (MAX_LINE * 3 // 4)
+    big = "y" * (MAX_EVENT * 3 // 4)
     upstream.configure(tokens=["a", big, "b"])
 
     async def main() -> list[Any]:

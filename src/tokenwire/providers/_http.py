@@ -52,12 +52,12 @@ from .base import Provider, on_stop
 MAX_MESSAGE = 500  # characters of an upstream message we pass on
 MAX_ERROR_BODY = 64 * 1024  # bytes of an error answer we keep to find its message
 DRAIN_TIMEOUT = 1.0  # seconds we wait for the end of the body after the last event
-# The longest line of an event stream we hold while it arrives.  A streamed chunk
-# is a few hundred bytes; a whole tool call's arguments or a long completion in
-# one event can reach tens of KiB.  1 MiB is far above any of them, and bounds
-# what an upstream that never sends a line end (a wrong URL serving a binary
-# file, a broken proxy) makes a stream hold.
-MAX_LINE = 1024 * 1024
+# The most bytes of an event stream we hold for one event while it arrives.  A
+# streamed chunk is a few hundred bytes; a whole tool call's arguments or a long
+# completion in one event can reach tens of KiB.  1 MiB is far above any of them,
+# and bounds what an upstream that never ends a line or an event (a wrong URL
+# serving a binary file, a broken proxy, endless data: lines) makes a stream hold.
+MAX_EVENT = 1024 * 1024
 
 
 def _user_agent() -> str:
@@ -194,21 +194,20 @@ class HTTPProvider(Provider):
                 if not 200 <= exchange.status < 300:
                     raise self._status_error(exchange.status, exchange.headers, await _read_error_body(exchange))
                 decoder = SSEDecoder()
-                unterminated = 0  # bytes of the line still arriving
+                held = 0  # bytes read since an event was last dispatched (within one read)
                 async with contextlib.aclosing(exchange.aiter_bytes()) as chunks:
                     try:
                         async for chunk in chunks:
-                            if chunk[-1:] in (b"\n", b"\r"):  # most reads end with an event
-                                unterminated = 0
-                            else:
-                                end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
-                                unterminated = len(chunk) - end - 1 if end >= 0 else unterminated + len(chunk)
-                                if unterminated > MAX_LINE:
-                                    raise malformed(
-                                        f"an over-long line (over {MAX_LINE / 2**20:g} MiB without a line end): "
-                                        "is the base URL an event stream's?"
-                                    )
-                            for sse in decoder.decode(chunk):
+                            held += len(chunk)
+                            if held > MAX_EVENT:
+                                raise malformed(
+                                    f"an over-long event (over {MAX_EVENT / 2**20:g} MiB without an event's end): "
+                                    "is the base URL an event stream's?"
+                                )
+                            sses = decoder.decode(chunk)
+                            if sses:
+                                held = 0
+                            for sse in sses:
                                 for event in parser.feed(sse):
                                     yield event
                                 if parser.done:
