@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import re
 import resource
 import socket
 import ssl
@@ -439,15 +440,25 @@ async def _write(writer: asyncio.StreamWriter, data: bytes) -> None:
     await writer.drain()
 
 
-async def _read_request(
-    reader: asyncio.StreamReader, connection: UpstreamConnection
-) -> UpstreamRequest | None:
+async def read_request_bytes(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
+    """One request's head and body (by its Content-Length), or None at a clean EOF."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as exc:
         if exc.partial:
             raise
         return None
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    return head, await reader.readexactly(int(length.group(1)) if length else 0)
+
+
+async def _read_request(
+    reader: asyncio.StreamReader, connection: UpstreamConnection
+) -> UpstreamRequest | None:
+    request = await read_request_bytes(reader)
+    if request is None:
+        return None
+    head, raw = request
     request_line, *header_lines = head.decode("latin-1").split("\r\n")
     method, target, _version = request_line.split(" ", 2)
     # A proxy is sent the absolute form (RFC 9112, 3.2.2), which every server must accept.
@@ -457,7 +468,6 @@ async def _read_request(
         if line:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
-    raw = await reader.readexactly(int(headers.get("content-length", "0")))
     try:
         body = json.loads(raw)
     except ValueError:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import re
 import socket
 import ssl
 import threading
@@ -30,7 +29,7 @@ import pytest
 import trustme
 import uvloop
 
-from fakes import FakeOpenAIUpstream, LoopbackServer, run_async
+from fakes import FakeOpenAIUpstream, LoopbackServer, read_request_bytes, run_async
 from tokenwire import ProviderError
 from tokenwire._events import Finish, Token
 from tokenwire.providers import _httpx_transport
@@ -255,15 +254,8 @@ async def read_all(provider: OpenAIProvider) -> list[Any]:
 
 async def read_request(reader: asyncio.StreamReader) -> bytes | None:
     """One request's head (its body read and dropped), or None at a clean EOF."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if exc.partial:
-            raise
-        return None
-    length = re.search(rb"(?im)^content-length: *(\d+)", head)
-    await reader.readexactly(int(length.group(1)) if length else 0)
-    return head
+    request = await read_request_bytes(reader)
+    return None if request is None else request[0]
 
 
 class KeepAliveUpstream(LoopbackServer):
