@@ -135,3 +135,16 @@ def test_built_in_providers_never_read_entry_points(tmp_path: Path, monkeypatch:
     assert isinstance(Settings.from_env({}, config=str(routes)).create_provider(), RoutedProvider)
     with pytest.raises(AssertionError, match="entry points were read"):
         Settings.from_env({}, provider="reverse")
+
+
+def test_the_settings_a_factory_is_promised_are_the_servers() -> None:
+    # The registry describes what a factory may read as a Protocol (providers never import the
+    # config layer): every attribute and method it names must exist on tokenwire.Settings.
+    from tokenwire.providers import registry
+
+    promised = set(registry.Settings.__annotations__) | {
+        name for name, value in vars(registry.Settings).items() if callable(value) and not name.startswith("_")
+    }
+    assert promised >= {"model", "base_url", "api_key"}, promised
+    settings = Settings()
+    assert [name for name in sorted(promised) if not hasattr(settings, name)] == []
