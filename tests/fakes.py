@@ -178,7 +178,11 @@ class FakeOpenAIUpstream(LoopbackServer):
       neither finish_reason nor ``[DONE]``; ``"no_done"`` sends the finish
       chunk and ends the body without ``[DONE]``; ``"stall"`` stops writing
       until the client goes away;
-    * ``finish_reason``, ``prompt_tokens``: what the last chunks report.
+    * ``finish_reason``, ``prompt_tokens``: what the last chunks report;
+    * ``recording``: an event stream as an upstream sent it (a file of
+      ``tests/fixtures/openai``), written instead of the chunks above, as it is,
+      in the pieces given (a list of byte strings), ``interval`` apart, and
+      held after ``hold_after`` pieces.
     """
 
     DEFAULTS: dict[str, Any] = {
@@ -196,6 +200,7 @@ class FakeOpenAIUpstream(LoopbackServer):
         "finish_reason": "stop",
         "prompt_tokens": 11,
         "completion_tokens": None,  # reported in usage; None: the number of tokens written
+        "recording": None,
     }
 
     tokens: list[str]
@@ -212,6 +217,7 @@ class FakeOpenAIUpstream(LoopbackServer):
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int | None
+    recording: list[bytes] | None
 
     def __init__(self, **config: Any) -> None:
         for name, value in self.DEFAULTS.items():
@@ -343,6 +349,8 @@ class FakeOpenAIUpstream(LoopbackServer):
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
             b"transfer-encoding: chunked\r\n\r\n",
         )
+        if self.recording is not None:
+            return await self._replay(request, writer, self.recording)
         body = request.body if isinstance(request.body, dict) else {}
         model = body.get("model", "fake")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -398,6 +406,23 @@ class FakeOpenAIUpstream(LoopbackServer):
             )
         if self.fail != "no_done":
             await _write(writer, b"%x\r\ndata: [DONE]\n\n\r\n" % len(b"data: [DONE]\n\n"))
+        await _write(writer, b"0\r\n\r\n")
+        request.completed = True
+        return True
+
+    async def _replay(self, request: UpstreamRequest, writer: asyncio.StreamWriter, pieces: list[bytes]) -> bool:
+        connection = request.connection
+        for i, piece in enumerate(pieces):
+            if i and self.interval and await _closed_within(connection, self.interval):
+                return False
+            if i == self.hold_after:
+                assert self._release is not None
+                if await _closed_or(connection, self._release):
+                    return False
+            if connection.closed_at is not None:
+                return False
+            if piece:
+                await _write(writer, b"%x\r\n%s\r\n" % (len(piece), piece))
         await _write(writer, b"0\r\n\r\n")
         request.completed = True
         return True

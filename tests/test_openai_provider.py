@@ -98,14 +98,26 @@ def test_reasoning_comes_apart_from_the_answer(
 
 @pytest.mark.parametrize(
     ("upstream_reason", "finish_reason"),
-    [("stop", "stop"), ("length", "length"), ("content_filter", "stop"), ("tool_calls", "stop")],
-)
+    [
+        ("stop", "stop"), ("eos", "stop"), ("length", "length"), ("content_filter", "content_filter"),
+        ("tool_calls", "tool_calls"), ("function_call", "tool_calls"),
+    ],
+)  # fmt: skip
 def test_finish_reasons(
     upstream: FakeOpenAIUpstream, stream_events: StreamEvents, upstream_reason: str, finish_reason: str
 ) -> None:
     upstream.configure(finish_reason=upstream_reason)
     done = stream_events({"prompt": "hi"})[-1]
     assert done["type"] == "done" and done["finish_reason"] == finish_reason
+    assert "upstream_finish_reason" not in done
+
+
+def test_a_finish_reason_tokenwire_has_no_name_for_is_other_with_the_upstreams(
+    upstream: FakeOpenAIUpstream, stream_events: StreamEvents
+) -> None:
+    upstream.configure(finish_reason="abort")
+    done = stream_events({"prompt": "hi"})[-1]
+    assert done["finish_reason"] == "other" and done["upstream_finish_reason"] == "abort"
 
 
 def test_the_api_key_never_appears_in_an_error(

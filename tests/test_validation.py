@@ -152,3 +152,82 @@ def test_an_oversized_model_name_never_reaches_the_upstream():
             kept = httpx.post(url + "/api/stream", json={"prompt": "hi", "model": at_limit}, timeout=5)
             assert kept.status_code == 200
             assert upstream.wait_request().body["model"] == at_limit
+
+
+# -- tools, tool calls, images, reasoning -----------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Bern"}'}}
+PNG = "data:image/png;base64,iVBORw0KGgo="
+
+
+def test_a_whole_tool_conversation_is_kept_in_openai_shapes():
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+        {"role": "user", "content": [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": PNG, "detail": "low"}}]},
+        {"role": "assistant", "content": None, "tool_calls": [CALL],
+         "reasoning": [{"type": "reasoning", "text": "hm", "signature": "sig"}, {"type": "redacted_reasoning", "data": "x"}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]  # fmt: skip
+    body = {
+        "messages": messages, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "parallel_tool_calls": False, "response_format": {"type": "json_object"}, "reasoning": {"effort": "high"}, "n": 1,
+    }  # fmt: skip
+    g = parse_stream_request(body).generation
+    assert g.messages == messages
+    assert g.tools == [WEATHER] and g.tool_choice == body["tool_choice"] and g.parallel_tool_calls is False
+    assert g.response_format == {"type": "json_object"}
+    assert (g.reasoning.effort, g.reasoning.budget(), g.reasoning.effort_level()) == ("high", 24576, "high")
+    assert g.has_images() and g.uses_tools()
+
+
+def test_a_reasoning_budget_gives_the_nearest_effort():
+    g = parse_stream_request({"prompt": "x", "reasoning": {"budget_tokens": 3000}}).generation
+    assert (g.reasoning.budget(), g.reasoning.effort_level()) == (3000, "medium")
+
+
+def _with(*messages, **fields):
+    return {"messages": [{"role": "user", "content": "hi"}, *messages], **fields}
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"prompt": "x", "n": 2}, "n", "must be 1"),
+        ({"prompt": "x", "tools": {}}, "tools", "list of function tools"),
+        ({"prompt": "x", "tools": [{"type": "retrieval"}]}, "tools[0]", "function tool"),
+        ({"prompt": "x", "tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name", "letters"),
+        ({"prompt": "x", "tools": [WEATHER, WEATHER]}, "tools[1].function.name", "unique"),
+        ({"prompt": "x", "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, "tools[0].function.parameters", "JSON Schema"),
+        ({"prompt": "x", "tools": [{"type": "function", "function": {"name": "f", "params": {}}}]}, "tools[0].function.params", "unknown"),
+        ({"prompt": "x", "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+         "tool_choice.function.name", "not in 'tools'; the tools are: get_weather"),
+        ({"prompt": "x", "tool_choice": "required"}, "tool_choice", "no 'tools'"),
+        ({"prompt": "x", "tools": [WEATHER], "tool_choice": "any"}, "tool_choice", '"auto", "none", "required"'),
+        ({"prompt": "x", "parallel_tool_calls": "yes"}, "parallel_tool_calls", "true or false"),
+        ({"prompt": "x", "response_format": {"type": "xml"}}, "response_format", "json_object"),
+        ({"prompt": "x", "response_format": {"type": "json_schema"}}, "response_format.json_schema", "object"),
+        ({"prompt": "x", "reasoning": "high"}, "reasoning", "object"),
+        ({"prompt": "x", "reasoning": {"effort": "max"}}, "reasoning.effort", "one of"),
+        ({"prompt": "x", "reasoning": {"budget_tokens": 10}}, "reasoning.budget_tokens", "between 1024"),
+        (_with({"role": "assistant", "content": None, "tool_calls": [{**CALL, "function": {"name": "get_weather", "arguments": {"city": "Bern"}}}]}),
+         "messages[1].tool_calls[0].function.arguments", "must be a string"),
+        (_with({"role": "assistant", "content": None, "tool_calls": [CALL, CALL]}), "messages[1].tool_calls[1].id", "repeats"),
+        (_with({"role": "assistant", "content": None}), "messages[1].content", "string or a list"),
+        (_with({"role": "tool", "tool_call_id": "call_9", "content": "x"}), "messages[1].tool_call_id", "no earlier assistant message"),
+        (_with({"role": "tool", "content": "x"}), "messages[1].tool_call_id", "the id of the tool call"),
+        (_with({"role": "user", "content": "x", "tool_call_id": "call_1"}), "messages[1].tool_call_id", "a user message has"),
+        (_with({"role": "user", "content": [{"type": "image_url", "image_url": PNG}]}), "messages[1].content[0].image_url", "must be an object"),
+        (_with({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}), "messages[1].content[0].image_url.url", "https"),
+        (_with({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/bmp;base64,AAAA"}}]}), "messages[1].content[0].image_url.url", "image/png"),
+        (_with({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}), "messages[1].content[0].image_url.url", "base64"),
+        (_with({"role": "system", "content": [{"type": "image_url", "image_url": {"url": PNG}}]}), "messages[1].content[0]", "'text'"),
+        (_with({"role": "user", "content": [{"type": "audio"}]}), "messages[1].content[0]", "content part"),
+        (_with({"role": "assistant", "content": "x", "reasoning": [{"type": "thinking", "thinking": "x"}]}), "messages[1].reasoning[0]", "reasoning block"),
+    ],
+)  # fmt: skip
+def test_bad_tool_and_content_fields_say_what_to_fix(body, param, words):
+    with pytest.raises(RequestError) as caught:
+        parse_stream_request(body)
+    assert caught.value.status == 400 and caught.value.param == param, caught.value.message
+    assert words in caught.value.message

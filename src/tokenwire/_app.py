@@ -181,6 +181,7 @@ class _Routes:
             if model and not relay.provider.supports_model(model):
                 known = ", ".join(relay.provider.model_names() or ())
                 raise invalid(f"unknown model {model!r}; the models are: {known}", "model")
+            relay.provider.check(parsed.generation)
             key = request.headers.get("idempotency-key")
             if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
                 raise invalid(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", "Idempotency-Key")

@@ -1,6 +1,8 @@
 """The events of a tokenwire stream (docs/protocol.md, "Events").
 
-Providers yield ``Queued``, ``Token``, ``Reasoning`` and ``Finish``; the relay adds
+Providers yield ``Queued``, the output events (``Token``, ``Reasoning`` and its
+``ReasoningSignature`` / ``RedactedReasoning``, ``Refusal``, ``ToolCallStart`` /
+``ToolCallDelta`` / ``ToolCallEnd``) and ``Finish``; the relay adds
 ``Start``, the terminal ``Done`` / ``Error`` and the sequence numbers.  Every event
 knows its JSON form; :func:`encode_event` turns one into the bytes of one SSE event,
 once, so that the log, the replay and the socket all share the same bytes.
@@ -12,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-FinishReason = Literal["stop", "length", "cancelled", "timeout"]
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "other", "cancelled", "timeout"]
 ErrorType = Literal[
     # a generation's end, in the log
     "upstream_error", "upstream_timeout", "internal_error", "replica_lost", "store_unavailable",
@@ -79,6 +81,85 @@ class Reasoning:
 
 
 @dataclass(frozen=True, slots=True)
+class ReasoningSignature:
+    """Ends a block of reasoning: the ``Reasoning`` text since the last one was signed with ``signature``.
+
+    Anthropic signs each thinking block; a client sends the block back, text and
+    signature unchanged, with the assistant turn (docs/protocol.md, "Reasoning").
+    """
+
+    signature: str
+    type: Literal["reasoning_signature"] = field(default="reasoning_signature", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "reasoning_signature", "signature": self.signature}
+
+
+@dataclass(frozen=True, slots=True)
+class RedactedReasoning:
+    """A block of reasoning the upstream encrypted (Anthropic ``redacted_thinking``): opaque, sent back as it is."""
+
+    data: str
+    type: Literal["redacted_reasoning"] = field(default="redacted_reasoning", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "redacted_reasoning", "data": self.data}
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Text of the model declining to answer (OpenAI ``delta.refusal``): not answer text."""
+
+    text: str
+    type: Literal["refusal"] = field(default="refusal", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "refusal", "text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallStart:
+    """A tool call begins: ``index`` numbers the answer's calls from 0, in the order they start."""
+
+    index: int
+    id: str
+    name: str
+    type: Literal["tool_call_start"] = field(default="tool_call_start", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "tool_call_start", "index": self.index, "id": self.id, "name": self.name}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A fragment of call ``index``'s arguments, a JSON text; the fragments in order make the whole."""
+
+    index: int
+    arguments: str
+    type: Literal["tool_call_delta"] = field(default="tool_call_delta", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "tool_call_delta", "index": self.index, "arguments": self.arguments}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallEnd:
+    """Call ``index`` is complete: its whole arguments string, exactly the fragments joined."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str
+    type: Literal["tool_call_end"] = field(default="tool_call_end", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": "tool_call_end", "index": self.index, "id": self.id, "name": self.name,
+            "arguments": self.arguments,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class Finish:
     """A provider's own end of generation; the relay turns it into ``Done``.
 
@@ -88,6 +169,8 @@ class Finish:
 
     finish_reason: FinishReason
     usage: Usage | None = None
+    #: The upstream's own reason when ``finish_reason`` is ``"other"`` (one tokenwire has no name for).
+    upstream_reason: str | None = None
     type: Literal["finish"] = field(default="finish", init=False)
 
 
@@ -107,10 +190,14 @@ class UsageUpdate:
 class Done:
     finish_reason: FinishReason
     usage: Usage
+    upstream_reason: str | None = None
     type: Literal["done"] = field(default="done", init=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "done", "finish_reason": self.finish_reason, "usage": self.usage.to_dict()}
+        done = {"type": "done", "finish_reason": self.finish_reason, "usage": self.usage.to_dict()}
+        if self.upstream_reason is not None:
+            done["upstream_finish_reason"] = self.upstream_reason
+        return done
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +219,13 @@ def error_object(error_type: str, message: str, retryable: bool, param: str | No
     return error
 
 
-ProviderEvent = Union[Queued, Token, Reasoning, UsageUpdate, Finish]
-StreamEvent = Union[Start, Queued, Token, Reasoning, Done, Error]
+#: What a model streams besides ``Token``; the relay passes these on as they are.
+OutputEvent = Union[Reasoning, ReasoningSignature, RedactedReasoning, Refusal, ToolCallStart, ToolCallDelta, ToolCallEnd]
+#: The output events a relay counts as completion tokens when the upstream reports no usage
+#: (each fragment is about one token; a call's start and end, or a signature, are not).
+COUNTED_OUTPUT = frozenset({Reasoning, Refusal, ToolCallDelta})
+ProviderEvent = Union[Queued, Token, OutputEvent, UsageUpdate, Finish]
+StreamEvent = Union[Start, Queued, Token, OutputEvent, Done, Error]
 
 
 def encode_event(seq: int, event: StreamEvent) -> bytes:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ._events import (
+    COUNTED_OUTPUT,
     Done,
     Error,
     Finish,
@@ -515,7 +516,7 @@ class Relay:
                         raise asyncio.CancelledError
                 elif kind is Finish:
                     progress.tokens = tokens
-                    return Done(event.finish_reason, event.usage or progress.usage())  # type: ignore[union-attr]
+                    return Done(event.finish_reason, event.usage or progress.usage(), event.upstream_reason)  # type: ignore[union-attr]
                 elif kind is UsageUpdate:
                     progress.reported = event.usage  # type: ignore[union-attr]
                 else:
@@ -525,10 +526,12 @@ class Relay:
                     else:
                         if phase == "queued":
                             phase = "before_first_token"
-                        # Reasoning is output too; any other event before the first
-                        # token restarts the wait for it.
+                        # Reasoning, a refusal and tool calls are output too: each restarts
+                        # the wait for the next (a long arguments stream is not a stall).
                         wait = options.idle_timeout if tokens else options.first_token_timeout
                         stall.move(loop.time() + wait)
+                        if kind in COUNTED_OUTPUT:
+                            progress.other_output += 1
                     await emit(event)  # type: ignore[arg-type]
             if stop.reason is None:
                 return Error("upstream_error", "the model ended the stream without finishing it", True)
@@ -631,11 +634,13 @@ class _Progress:
     confirmed: int = 0  # the last seq the store confirmed
     last_data: bytes = b""  # the bytes of event ``seq``: appended again if a cancel interrupted it
     tokens: int = 0
+    other_output: int = 0  # reasoning, refusal and tool-argument fragments: completion tokens too
     phase: str = "before_first_token"  # where a cancel found it, for the metrics
     reported: Usage = field(default_factory=lambda: Usage(0))  # the provider's running usage, if any
 
     def usage(self) -> Usage:
-        return Usage(max(self.tokens, self.reported.completion_tokens), self.reported.prompt_tokens)
+        produced = self.tokens + self.other_output
+        return Usage(max(produced, self.reported.completion_tokens), self.reported.prompt_tokens)
 
 
 def _uncancel() -> None:

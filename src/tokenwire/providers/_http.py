@@ -90,11 +90,14 @@ class SSEParser(abc.ABC):
     def finish(self) -> Finish:
         """The final event, once the answer is complete."""
 
-    def end(self) -> Finish:
-        """The final event, when the answer has been read: ProviderError if it stopped short."""
+    def end(self) -> list[ProviderEvent]:
+        """The last events, ``Finish`` last, once the answer has been read: ProviderError if it stopped short.
+
+        A parser that holds open blocks (tool calls) closes them here, before the ``Finish``.
+        """
         if not self.complete:
             raise ProviderError("upstream_error", "the upstream ended the stream early", retryable=True)
-        return self.finish()
+        return [self.finish()]
 
 
 class HTTPProvider(Provider):
@@ -241,7 +244,8 @@ class HTTPProvider(Provider):
             raise ProviderError("upstream_error", str(exc), retryable=True) from None
         finally:
             forget()
-        yield parser.end()
+        for event in parser.end():
+            yield event
 
     def _connect_error(self, exc: BaseException) -> ProviderError:
         if isinstance(exc, TimeoutError):

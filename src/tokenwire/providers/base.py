@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._events import ProviderEvent
+from .._exceptions import RequestError
 
 logger = logging.getLogger("tokenwire")
 
@@ -99,18 +100,82 @@ def on_stop(callback: Callable[[], None]) -> Callable[[], None]:
 
 
 @dataclass(frozen=True, slots=True)
+class ReasoningRequest:
+    """How much to think before answering: ``effort`` (OpenAI's ``reasoning_effort``), ``budget_tokens``
+    (Anthropic's thinking budget), or both; a provider derives the one it needs from the other."""
+
+    effort: str | None = None  # "minimal", "low", "medium" or "high"
+    budget_tokens: int | None = None
+
+    #: Anthropic thinking budgets for an effort, and the effort a budget is closest to.
+    BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 24576}
+
+    def budget(self) -> int:
+        if self.budget_tokens is not None:
+            return self.budget_tokens
+        return self.BUDGETS[self.effort or "medium"]
+
+    def effort_level(self) -> str:
+        if self.effort is not None:
+            return self.effort
+        budget = self.budget()
+        return next((e for e, b in self.BUDGETS.items() if budget <= b), "high")
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    messages: list[dict[str, str]]
+    """One generation, in the OpenAI chat shapes (docs/protocol.md, "Requests"), already checked.
+
+    ``messages`` are ``{"role", "content"}`` objects.  ``content`` is a string, or a
+    list of ``{"type": "text", "text"}`` and ``{"type": "image_url", "image_url":
+    {"url"}}`` parts; an assistant message may add ``tool_calls`` (and have
+    ``content`` None) and ``reasoning`` (the blocks of its reasoning, each
+    ``{"type": "reasoning", "text", "signature"}`` or ``{"type":
+    "redacted_reasoning", "data"}``); a ``tool`` message has ``tool_call_id``.
+    ``tools`` are function tools as OpenAI takes them.
+    """
+
+    messages: list[dict[str, Any]]
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    reasoning: ReasoningRequest | None = None
 
     @classmethod
     def from_prompt(cls, prompt: str, **options: Any) -> GenerationRequest:
         return cls(messages=[{"role": "user", "content": prompt}], **options)
+
+    def has_images(self) -> bool:
+        return any(
+            isinstance(m.get("content"), list) and any(p.get("type") == "image_url" for p in m["content"])
+            for m in self.messages
+        )
+
+    def uses_tools(self) -> bool:
+        """The request offers tools, or its history holds tool calls or results."""
+        return bool(self.tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in self.messages)
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """A message's text: its content string, or its text parts joined (images and tool calls left out)."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content if part.get("type") == "text")
+
+
+def unsupported(provider: str, what: str, fix: str) -> RequestError:
+    """The 400 for a request that asks ``provider`` for something it cannot do."""
+    return RequestError(400, "invalid_request", f"the {provider} provider cannot take {what}; {fix}")
 
 
 class Provider(abc.ABC):
@@ -130,6 +195,11 @@ class Provider(abc.ABC):
         """Whether a request may ask for ``model``; the app answers 400 otherwise."""
         names = self.model_names()
         return names is None or model in names
+
+    def check(self, request: GenerationRequest) -> None:
+        """Refuse, with a :class:`~tokenwire.RequestError` that says what to change, a request this
+        provider cannot serve as asked (images, tools, a response format); the app answers 400.
+        The default takes everything: a provider passes what it does not refuse upstream."""
 
     @abc.abstractmethod
     def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:

@@ -18,7 +18,18 @@ from typing import Any
 
 import httpx
 
-from .._events import Finish, FinishReason, ProviderEvent, Reasoning, Token, Usage
+from .._events import (
+    Finish,
+    FinishReason,
+    ProviderEvent,
+    Reasoning,
+    Refusal,
+    Token,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    Usage,
+)
 from .._exceptions import ProviderError
 from .._sse import ServerSentEvent
 from ._http import MAX_ERROR_BODY, HTTPProvider, SSEParser, malformed, message_of, one_line
@@ -61,16 +72,20 @@ class OpenAIProvider(HTTPProvider):
     def build_body(self, request: GenerationRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model_for(request),
-            "messages": request.messages,
+            "messages": [_upstream_message(m) for m in request.messages],
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        for name in ("max_tokens", "temperature", "top_p", "seed"):
+        for name in ("max_tokens", "temperature", "top_p", "seed", "tool_choice", "parallel_tool_calls", "response_format"):
             value = getattr(request, name)
             if value is not None:
                 body[name] = value
         if request.stop:
             body["stop"] = request.stop
+        if request.tools:
+            body["tools"] = request.tools
+        if request.reasoning is not None:
+            body["reasoning_effort"] = request.reasoning.effort_level()
         return body
 
     def _headers(self) -> dict[str, str]:
@@ -78,6 +93,44 @@ class OpenAIProvider(HTTPProvider):
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
         return self.stream_sse(self.url, self.build_body(request), self._headers(), _ChunkParser(self.redact))
+
+
+def _upstream_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as OpenAI takes it: without the reasoning blocks, which no OpenAI-compatible server reads back."""
+    if "reasoning" not in message:
+        return message
+    return {name: value for name, value in message.items() if name != "reasoning"}
+
+
+# OpenAI-compatible finish reasons by the name the protocol gives them (docs/protocol.md, "The end").
+FINISH_REASONS: dict[str, FinishReason] = {
+    "stop": "stop",
+    "eos": "stop",  # Hugging Face TGI
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",  # the pre-tools name
+    "content_filter": "content_filter",
+}
+
+
+class _Call:
+    """One tool call of the answer, while it streams."""
+
+    __slots__ = ("index", "id", "name", "arguments")
+
+    def __init__(self, index: int, call_id: str, name: str) -> None:
+        self.index = index
+        self.id = call_id
+        self.name = name
+        self.arguments: list[str] = []
+
+    def end(self) -> list[ProviderEvent]:
+        events: list[ProviderEvent] = []
+        if not self.arguments:  # a call with no argument text still has parseable arguments
+            self.arguments.append("{}")
+            events.append(ToolCallDelta(self.index, "{}"))
+        events.append(ToolCallEnd(self.index, self.id, self.name, "".join(self.arguments)))
+        return events
 
 
 class _ChunkParser(SSEParser):
@@ -88,6 +141,8 @@ class _ChunkParser(SSEParser):
         self.done = False
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
+        self.calls: dict[int, _Call] = {}  # by the upstream's index
+        self.open: list[_Call] = []  # calls not ended yet, in start order
 
     @property
     def complete(self) -> bool:
@@ -125,29 +180,87 @@ class _ChunkParser(SSEParser):
                 delta = {}
             if not isinstance(delta, dict):
                 raise malformed("a chunk whose choices[0].delta is not an object")
+            # llama.cpp and DeepSeek name it reasoning_content; vLLM and Ollama, reasoning.
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             content = delta.get("content")
-            for value in (reasoning, content):
+            refusal = delta.get("refusal")
+            for value in (reasoning, content, refusal):
                 if value is not None and not isinstance(value, str):
                     raise malformed("a chunk whose delta text is not a string")
             if reasoning:
                 events.append(Reasoning(reasoning))
             if content:
                 events.append(Token(content))
+            if refusal:
+                events.append(Refusal(refusal))
+            tool_calls = delta.get("tool_calls")
+            if tool_calls:
+                self._tool_calls(tool_calls, events)
             reason = choice.get("finish_reason")
             if reason is not None:
                 if not isinstance(reason, str):
                     raise malformed("a chunk whose finish_reason is not a string")
                 self.finish_reason = reason
+                self._end_calls(events)
         usage = chunk.get("usage")
         if usage is not None:
             self.usage = _usage(usage)
         return events
 
+    def _tool_calls(self, deltas: Any, events: list[ProviderEvent]) -> None:
+        """Tool-call fragments: OpenAI's shape, where a call's id and name come in its first fragment only."""
+        if not isinstance(deltas, list):
+            raise malformed("a chunk whose delta.tool_calls is not a list")
+        for delta in deltas:
+            if not isinstance(delta, dict):
+                raise malformed("a chunk with a tool call that is not an object")
+            function = delta.get("function")
+            if function is None:
+                function = {}
+            if not isinstance(function, dict):
+                raise malformed("a tool call whose 'function' is not an object")
+            call_id, name, arguments = delta.get("id"), function.get("name"), function.get("arguments")
+            for value in (call_id, name, arguments):
+                if value is not None and not isinstance(value, str):
+                    raise malformed("a tool call whose id, name or arguments is not a string")
+            key = delta.get("index")
+            if key is None:  # servers that send each call whole, without an index
+                key = len(self.calls) if call_id or not self.calls else max(self.calls)
+            if isinstance(key, bool) or not isinstance(key, int):
+                raise malformed("a tool call whose index is not an integer")
+            call = self.calls.get(key)
+            if call is None:
+                if not name:
+                    raise malformed("a tool call's first fragment without the function's name")
+                index = len(self.calls)
+                call = self.calls[key] = _Call(index, call_id or f"call_{index}", name)
+                self.open.append(call)
+                events.append(ToolCallStart(call.index, call.id, call.name))
+            elif call not in self.open:
+                raise malformed(f"a fragment of tool call {key} after the end of the answer")
+            if arguments:
+                call.arguments.append(arguments)
+                events.append(ToolCallDelta(call.index, arguments))
+
+    def _end_calls(self, events: list[ProviderEvent]) -> None:
+        for call in self.open:
+            events.extend(call.end())
+        self.open.clear()
+
+    def end(self) -> list[ProviderEvent]:
+        events = super().end()
+        ends: list[ProviderEvent] = []
+        self._end_calls(ends)  # an answer that ended without a finish_reason (only [DONE])
+        return ends + events
+
     def finish(self) -> Finish:
-        # content_filter, tool_calls and the like are, for a token stream, a stop.
-        reason: FinishReason = "length" if self.finish_reason == "length" else "stop"
-        return Finish(reason, self.usage)
+        reason = self.finish_reason or "stop"
+        mapped = FINISH_REASONS.get(reason)
+        if mapped is None:
+            return Finish("other", self.usage, upstream_reason=reason)
+        if mapped == "stop" and self.calls:
+            mapped = "tool_calls"  # vLLM and Ollama say "stop" after a call the request forced
+        return Finish(mapped, self.usage)
 
 
 def _usage(usage: Any) -> Usage | None:

@@ -58,6 +58,11 @@ class RoutedProvider(Provider):
     def model_names(self) -> list[str]:
         return list(self.routes)
 
+    def check(self, request: GenerationRequest) -> None:
+        provider = self.routes.get(self.model_for(request))
+        if provider is not None:
+            provider.check(request)
+
     def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
         name = self.model_for(request)
         provider = self.routes.get(name)
