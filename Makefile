@@ -52,7 +52,7 @@ test-js:
 	node --test tests/js/
 
 bench: $(VENV)/.installed system-deps
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(if $(BASELINE),--baseline $(BASELINE))
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -4,6 +4,7 @@
     python -m bench --quick         # ~4 minutes; writes bench/.cache/quick/ unless --out says otherwise
     python -m bench --only latency,cancel
     python -m bench --report-only   # re-render RESULTS.md and plots from results.json
+    python -m bench --baseline fc06208   # also: plain text against that revision (make bench BASELINE=…)
 
 Sections: latency, ceiling, cancel, memory, profile, upstream_client (the openai provider on its own HTTP
 client, on httpx and on aiohttp, interleaved; ~3 minutes), local, parsers, soak (10 minutes per store; 30 s
@@ -28,7 +29,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = (
-    "latency", "ceiling", "cancel", "memory", "profile", "upstream_client", "local", "parsers", "soak", "faults", "abuse",
+    "latency", "ceiling", "cancel", "memory", "profile", "upstream_client", "baseline", "local", "parsers", "soak",
+    "faults", "abuse",
 )  # fmt: skip
 
 
@@ -90,7 +92,12 @@ def pinning() -> tuple[set[int] | None, set[int] | None]:
 
 
 async def run(
-    sections: list[str], plan: Any, out_dir: Path, results: dict[str, Any], cpus: tuple[set[int] | None, set[int] | None]
+    sections: list[str],
+    plan: Any,
+    out_dir: Path,
+    results: dict[str, Any],
+    cpus: tuple[set[int] | None, set[int] | None],
+    baseline: str | None = None,
 ) -> None:
     from . import local as local_bench
     from . import machine, parsers, relay, servers
@@ -163,6 +170,12 @@ async def run(
     finally:
         await upstream.aclose()
 
+    if "baseline" in sections and baseline:
+        from . import ab
+
+        with Section(results, "baseline"):
+            results["baseline"] = await ab.bench(baseline, plan.repeats)
+        save()
     if "local" in sections:
         with Section(results, "local"):
             results["local"] = await local_bench.bench(
@@ -208,6 +221,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="output folder (default bench/, or bench/.cache/quick with --quick)")
     parser.add_argument("--no-install", action="store_true", help="do not pip/npm install the bench dependencies")
     parser.add_argument("--report-only", action="store_true", help="re-render from the output folder's results.json")
+    parser.add_argument(
+        "--baseline", metavar="REV", help="a git revision to measure plain-text CPU per token against, in this run"
+    )
     args = parser.parse_args()
     out_dir: Path = args.out or (HERE / ".cache" / "quick" if args.quick else HERE)
 
@@ -257,7 +273,7 @@ def main() -> int:
     started = time.monotonic()
     log(f"bench ({plan.name}): {', '.join(sections)} -> {out_dir}")
     try:
-        uvloop.run(run(sections, plan, out_dir, results, cpus))
+        uvloop.run(run(sections, plan, out_dir, results, cpus, args.baseline))
     finally:
         results["elapsed_s"] = time.monotonic() - started
         _save(results, out_dir)

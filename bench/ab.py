@@ -20,6 +20,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from . import relay, servers
 from .__main__ import HERE, log, pinning
@@ -27,7 +28,8 @@ from .loadgen import Target
 from .upstream import FakeUpstream
 
 
-async def compare(revision: str, src: Path, levels: tuple[int, ...], repeats: int) -> str:
+async def compare(revision: str, src: Path, levels: tuple[int, ...], repeats: int) -> dict[str, Any]:
+    """Both servers measured in turn, round after round: ``bench.relay.latency``'s figures by level and name."""
     server_cpus, harness_cpus = pinning()
     if harness_cpus:
         os.sched_setaffinity(0, harness_cpus)
@@ -48,14 +50,38 @@ async def compare(revision: str, src: Path, levels: tuple[int, ...], repeats: in
         for server in group:
             server.stop()
         await upstream.aclose()
-    lines = ["| streams | tokenwire | p50 ms | p99 ms | server CPU µs/token |", "|---:|---|---:|---:|---:|"]
-    for level, by_name in out["levels"].items():
+    return {"revision": revision, "repeats": repeats, "levels": out["levels"]}
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    lines = [
+        "| streams | tokenwire | p50 ms | p99 ms | server CPU µs/token | CPU × the revision |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for level, by_name in result["levels"].items():
+        base = by_name.get(result["revision"], {}).get("server_us_per_token")
         for name, figures in by_name.items():
+            ratio = figures["server_us_per_token"] / base if base else float("nan")
             lines.append(
                 f"| {level} | {name} | {figures['p50_ms']:.2f} | {figures['p99_ms']:.2f} | "
-                f"{figures['server_us_per_token']:.0f} |"
+                f"{figures['server_us_per_token']:.0f} | {ratio:.3f} |"
             )
-    return "\n".join(lines)
+    return lines
+
+
+def checkout(revision: str, into: Path) -> Path:
+    """The revision's ``src/`` under ``into``."""
+    archive = subprocess.run(
+        ["git", "-C", str(HERE.parent), "archive", revision, "src"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "src"
+
+
+async def bench(revision: str, repeats: int) -> dict[str, Any]:
+    """``make bench BASELINE=<revision>``: plain text at 200 and 500 streams, the revision against now."""
+    with tempfile.TemporaryDirectory(prefix="tokenwire-ab-") as tmp:
+        return await compare(revision, checkout(revision, Path(tmp)), (200, 500), repeats)
 
 
 def main() -> None:
@@ -66,12 +92,8 @@ def main() -> None:
     args = parser.parse_args()
     levels = tuple(int(level) for level in args.levels.split(","))
     with tempfile.TemporaryDirectory(prefix="tokenwire-ab-") as tmp:
-        archive = subprocess.run(
-            ["git", "-C", str(HERE.parent), "archive", args.revision, "src"], check=True, capture_output=True
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-        print(asyncio.run(compare(args.revision, Path(tmp) / "src", levels, args.repeats)))
-
+        result = asyncio.run(compare(args.revision, checkout(args.revision, Path(tmp)), levels, args.repeats))
+    print("\n".join(table(result)))
 
 if __name__ == "__main__":
     main()

@@ -600,8 +600,35 @@ def _upstream_client(r: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _baseline(r: dict[str, Any]) -> list[str]:
+    b = r.get("baseline")
+    if not b:
+        return []
+    from .ab import table
+
+    return [
+        f"## Plain text against {b['revision']}",
+        "",
+        f"`python -m bench --baseline {b['revision']}` (`make bench BASELINE={b['revision']}`): tokenwire at that revision "
+        "and tokenwire now, both running at once, pinned to the relay CPU, measured one after the other in each of "
+        f"{b['repeats']} rounds with the latency method above (plain text, 20 tokens/s per stream), so that a slow "
+        "spell of the machine hits both. *CPU × the revision* is now's CPU µs/token over the revision's.",
+        "",
+        *table(b),
+        "",
+    ]
+
+
 def goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     out: list[tuple[str, str, bool | None]] = []
+    b = r.get("baseline")
+    if b:
+        ratios = {
+            level: rows["now"]["server_us_per_token"] / rows[b["revision"]]["server_us_per_token"]
+            for level, rows in b["levels"].items()
+        }
+        text = ", ".join(f"{level} streams {ratio:.3f}×" for level, ratio in ratios.items())
+        out.append((f"plain-text CPU per token within 5% of {b['revision']}", text, all(x <= 1.05 for x in ratios.values())))
     lat = r.get("latency")
     if lat:
         levels = lat["levels"]
@@ -696,7 +723,7 @@ def render(r: dict[str, Any]) -> str:
         "Every number below was measured in that one run on the machine described.",
         "",
     ]
-    for section in (_goals, _machine, _method, _latency, _ceiling, _cancel, _memory, _upstream_client, _local, _parsers, _profile, _soak, _faults, _abuse):
+    for section in (_goals, _machine, _method, _latency, _ceiling, _cancel, _memory, _upstream_client, _baseline, _local, _parsers, _profile, _soak, _faults, _abuse):
         lines += section(r)
     return "\n".join(lines).rstrip() + "\n"
 
