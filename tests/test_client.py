@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -12,8 +14,18 @@ from collections.abc import Iterator
 import pytest
 
 from fakes import run_async, serve_app, wait_until
-from tokenwire import ScriptedProvider, Settings, TokenwireHTTPError, create_app, stream_tokens
-from tokenwire.providers.scripted import split_tokens
+from tokenwire import (
+    Finish,
+    Reasoning,
+    ScriptedProvider,
+    Settings,
+    Token,
+    TokenwireHTTPError,
+    create_app,
+    stream_tokens,
+)
+from tokenwire._events import ReasoningSignature, RedactedReasoning, ToolCallDelta, ToolCallEnd, ToolCallStart
+from tokenwire.providers.scripted import REASONING_SCRIPT, REFUSAL_SCRIPT, split_tokens
 
 LONG = " ".join(f"word{i}" for i in range(400))
 
@@ -145,3 +157,120 @@ def test_a_readers_terminal_error_with_its_cursor_as_id_is_delivered() -> None:
         events = run_async(main)
     assert [e["type"] for e in events] == ["start", "token", "error"]
     assert events[-1] == error
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_ask_prints_a_tool_call_on_a_line_of_its_own(served, tmp_path) -> None:
+    url, _ = served
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER]))
+    process = ask(url, "Zürich", "--tools", str(tools))
+    out, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+    assert out == '[tool call get_weather {"city": "Zürich"}]\n'
+    assert "[tool_calls: " in err
+
+
+def test_ask_marks_reasoning_and_a_refusal(served) -> None:
+    url, _ = served
+    process = ask(url, "refuse: the recipe", "--reasoning", "low")
+    out, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+    assert out == f"[reasoning] {REASONING_SCRIPT}\n[refusal] {REFUSAL_SCRIPT}\n"
+    assert "[content_filter: " in err
+
+    process = ask(url, "the sky is blue", "--reasoning", "high")
+    out, err = process.communicate(timeout=20)
+    assert out == f"[reasoning] {REASONING_SCRIPT}\nthe sky is blue\n"
+    assert "[stop: " in err
+
+
+def read_pty(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run ``tokenwire ask`` with its stdout on a terminal; its exit code and what it showed."""
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tokenwire", "ask", *args],
+        stdout=slave,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **env},
+    )
+    os.close(slave)
+    shown = b""
+    try:
+        while select.select([master], [], [], 20)[0]:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not data:
+                break
+            shown += data
+    finally:
+        os.close(master)
+        process.kill()
+    return process.wait(10), shown.decode()
+
+
+def test_ask_dims_reasoning_on_a_terminal_unless_no_color(served) -> None:
+    url, _ = served
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    code, shown = read_pty(["hello", "--reasoning", "low", "--url", url], env)
+    assert code == 0
+    assert f"\x1b[2m[reasoning] {REASONING_SCRIPT}\x1b[22m\r\nhello\r\n" in shown
+    code, shown = read_pty(["hello", "--reasoning", "low", "--url", url], {**env, "NO_COLOR": "1"})
+    assert code == 0
+    assert "\x1b" not in shown
+    assert f"[reasoning] {REASONING_SCRIPT}\r\nhello\r\n" in shown
+
+
+def test_ask_refuses_a_tools_file_it_cannot_use(tmp_path) -> None:
+    tools = tmp_path / "tools.json"
+    tools.write_text('{"name": "get_weather"}')
+    process = ask("http://127.0.0.1:9", "hi", "--tools", str(tools))
+    _, err = process.communicate(timeout=20)
+    assert process.returncode == 2
+    assert "must hold a JSON list" in err
+    process = ask("http://127.0.0.1:9", "hi", "--tools", str(tmp_path / "missing.json"))
+    _, err = process.communicate(timeout=20)
+    assert process.returncode == 2
+    assert "cannot read it as JSON" in err
+
+
+STEPS = [
+    Reasoning("Two calls."),
+    ReasoningSignature("sig"),
+    RedactedReasoning("opaque=="),
+    Token("Checking"),
+    ToolCallStart(0, "call_a", "get_weather"),
+    ToolCallDelta(0, '{"city":'),
+    ToolCallStart(1, "call_b", "get_time"),
+    ToolCallDelta(1, '{"tz":"CET"}'),
+    ToolCallDelta(0, '"Zürich"}'),
+    ToolCallEnd(0, "call_a", "get_weather", '{"city":"Zürich"}'),
+    ToolCallEnd(1, "call_b", "get_time", '{"tz":"CET"}'),
+    Finish("other", upstream_reason="pause_turn"),
+]
+
+
+def test_ask_shows_parallel_calls_redacted_reasoning_and_an_upstreams_reason() -> None:
+    app = create_app(Settings(), provider=ScriptedProvider(steps=STEPS, interval=0))
+    with serve_app(app) as url:
+        process = ask(url, "anything")
+        out, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+    assert out == (
+        "[reasoning] Two calls.\n"
+        "[reasoning, redacted by the provider]\n"
+        "Checking\n"
+        '[tool call get_weather {"city":"Zürich"}]\n'
+        '[tool call get_time {"tz":"CET"}]\n'
+    )
+    assert "[other (pause_turn): 5 tokens]" in err

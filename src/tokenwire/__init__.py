@@ -1,9 +1,26 @@
 """tokenwire: stream LLM tokens to the browser as SSE over fetch, with cancellation that reaches the model."""
 
 from ._app import create_app
-from ._client import stream_tokens
+from ._client import Accumulator, AssistantMessage, ToolCall, accumulate, stream_tokens
 from ._config import Settings
-from ._events import Done, Error, Finish, Queued, Reasoning, Start, Token, Usage, UsageUpdate, encode_event
+from ._events import (
+    Done,
+    Error,
+    Finish,
+    Queued,
+    Reasoning,
+    ReasoningSignature,
+    RedactedReasoning,
+    Refusal,
+    Start,
+    Token,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    Usage,
+    UsageUpdate,
+    encode_event,
+)
 from ._exceptions import (
     AdmissionRefused,
     ClientError,
@@ -24,7 +41,9 @@ from .providers.scripted import ScriptedProvider
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accumulator",
     "AdmissionRefused",
+    "AssistantMessage",
     "ClientError",
     "ConfigError",
     "Done",
@@ -37,6 +56,9 @@ __all__ = [
     "ProviderError",
     "Queued",
     "Reasoning",
+    "ReasoningSignature",
+    "RedactedReasoning",
+    "Refusal",
     "Relay",
     "RelayOptions",
     "RequestError",
@@ -49,8 +71,13 @@ __all__ = [
     "Token",
     "TokenwireError",
     "TokenwireHTTPError",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolCallEnd",
+    "ToolCallStart",
     "Usage",
     "UsageUpdate",
+    "accumulate",
     "create_app",
     "encode_event",
     "stream_tokens",

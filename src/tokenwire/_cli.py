@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
+from typing import Any, TextIO
 
 from ._config import Settings, flag_name, setting_info, shown_default
 from ._exceptions import ClientError, ConfigError, TokenwireHTTPError
@@ -30,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--url", default=os.environ.get("TOKENWIRE_URL", "http://127.0.0.1:8000"))
     ask.add_argument("--model")
     ask.add_argument("--max-tokens", type=int)
+    ask.add_argument("--tools", metavar="FILE", help="a JSON file with the tools the model may call (a list)")
+    ask.add_argument(
+        "--reasoning",
+        choices=("minimal", "low", "medium", "high"),
+        metavar="EFFORT",
+        help="ask the model to reason first, with this effort: %(choices)s",
+    )
     ask.add_argument("--no-resume", action="store_true", help="do not reconnect after a network error")
     # The key itself is never a flag: a command line lands in shell history and in `ps`.
     ask.add_argument(
@@ -108,29 +117,39 @@ def ask(args: argparse.Namespace) -> int:
         body["model"] = args.model
     if args.max_tokens:
         body["max_tokens"] = args.max_tokens
+    if args.tools:
+        body["tools"] = _read_tools(args.tools)
+    if args.reasoning:
+        body["reasoning"] = {"effort": args.reasoning}
     url = args.url.rstrip("/") + "/api/stream"
+
+    printer = AnswerPrinter(sys.stdout, styled=_styled(sys.stdout))
 
     async def run() -> int:
         async for event in stream_tokens(url, body, headers=headers, resume=not args.no_resume):
             kind = event.get("type")
-            if kind in ("token", "reasoning"):
-                sys.stdout.write(event["text"])
-                sys.stdout.flush()
-            elif kind == "done":
-                sys.stdout.write("\n")
+            if kind == "done":
+                printer.end()
                 usage = event.get("usage", {})
-                print(
-                    f"[{event['finish_reason']}: {usage.get('completion_tokens')} tokens]", file=sys.stderr
-                )
+                reason = event["finish_reason"]
+                if event.get("upstream_finish_reason"):
+                    reason += f" ({event['upstream_finish_reason']})"
+                print(f"[{reason}: {usage.get('completion_tokens')} tokens]", file=sys.stderr)
             elif kind == "error":
-                print(f"\n[error: {event['error']['message']}]", file=sys.stderr)
+                printer.end()
+                print(f"[error: {event['error']['message']}]", file=sys.stderr)
                 return 1
+            else:
+                printer.event(event)
         return 0
 
     try:
-        return asyncio.run(run())
+        try:
+            return asyncio.run(run())
+        finally:
+            printer.end()  # a Ctrl-C or a cut stream must not leave the terminal dimmed
     except KeyboardInterrupt:
-        print("\n[stopped]", file=sys.stderr)
+        print("[stopped]", file=sys.stderr)
         return 130
     except TokenwireHTTPError as exc:
         if exc.status_code == 401:
@@ -144,6 +163,109 @@ def ask(args: argparse.Namespace) -> int:
     except (OSError, httpx.TransportError) as exc:
         print(f"tokenwire: cannot reach {url}: {exc}", file=sys.stderr)
         return 1
+
+
+def _read_tools(path: str) -> list[Any]:
+    try:
+        with open(path, encoding="utf-8") as file:
+            tools = json.load(file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--tools {path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(tools, list):
+        raise ConfigError(
+            f'--tools {path} must hold a JSON list: [{{"type": "function", "function": {{"name": ...}}}}]'
+        )
+    return tools
+
+
+def _styled(stream: TextIO) -> bool:
+    """Whether to dim and colour: a terminal, unless NO_COLOR is set (https://no-color.org)."""
+    return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+class AnswerPrinter:
+    """Writes a stream's output events readably, in the order they come.
+
+    The answer's text goes as it is; everything else is marked so that it cannot
+    be taken for the answer: ``[reasoning]`` before a run of reasoning (dimmed on
+    a terminal), ``[refusal]`` before a refusal, and each tool call on a line of
+    its own once its arguments are complete, ``[tool call get_weather {"city": "Zürich"}]``.
+    """
+
+    # ANSI: dim, yellow, cyan, and what resets each.
+    STYLES = {
+        "reasoning": ("\x1b[2m", "\x1b[22m"),
+        "refusal": ("\x1b[33m", "\x1b[39m"),
+        "call": ("\x1b[36m", "\x1b[39m"),
+    }
+
+    def __init__(self, out: TextIO, *, styled: bool = False) -> None:
+        self.out = out
+        self.styled = styled
+        self.run: str | None = None  # the kind of output being written: "text", "reasoning", "refusal"
+        self.line_start = True
+
+    def event(self, event: Mapping[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "token":
+            self._write("text", event["text"])
+        elif kind == "reasoning":
+            self._write("reasoning", event["text"], "[reasoning] ")
+        elif kind == "reasoning_signature":
+            self._switch(None)  # a block ends: the next one gets its own mark
+        elif kind == "redacted_reasoning":
+            self._line("reasoning", "[reasoning, redacted by the provider]")
+        elif kind == "refusal":
+            self._write("refusal", event["text"], "[refusal] ")
+        elif kind == "tool_call_end":
+            self._line("call", f"[tool call {event['name']} {event['arguments']}]")
+        else:
+            return
+        self.out.flush()
+
+    def end(self) -> None:
+        """Close the last run and the line."""
+        self._switch(None)
+        if not self.line_start:
+            self.out.write("\n")
+            self.line_start = True
+        self.out.flush()
+
+    def _write(self, run: str, text: str, mark: str = "") -> None:
+        if self.run != run:
+            self._switch(run)
+            self._put(mark)
+        self._put(text)
+
+    def _line(self, style: str, text: str) -> None:
+        self._switch(None)
+        self._newline()
+        on, off = self.STYLES[style] if self.styled else ("", "")
+        self._put(on + text + off + "\n")
+
+    def _switch(self, run: str | None) -> None:
+        """End the run being written (its style, and its line unless it was the answer's text)."""
+        if self.run == run:
+            return
+        if self.run is not None and self.run != "text":
+            if self.styled:
+                self.out.write(self.STYLES[self.run][1])
+            self._newline()
+        self.run = run
+        if run is not None and run != "text":
+            self._newline()
+            if self.styled:
+                self.out.write(self.STYLES[run][0])
+
+    def _newline(self) -> None:
+        if not self.line_start:
+            self.out.write("\n")
+            self.line_start = True
+
+    def _put(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.line_start = text.endswith("\n")
 
 
 def _unauthorized_advice(key_env: str, sent: bool) -> str:
