@@ -9,9 +9,16 @@ connection closes) answering ``POST /v1/messages`` the way the API does with
 API's: ``{"type": "error", "error": {"type": "overloaded_error", "message": ...}}``
 as an HTTP answer (529 …) or as an ``error`` event after the 200.
 
-Like the API it refuses (400 ``invalid_request_error``) a request without
-``anthropic-version``, without an integer ``max_tokens``, or with a role other
-than user/assistant in ``messages``, and with ``api_key`` set, any other
+``recording`` (a file of ``tests/fixtures/anthropic``: event streams in the API's
+shape) is replayed byte for byte instead, in the pieces given.
+
+Like the API it refuses (400 ``invalid_request_error``, worded like the API's) a
+request without ``anthropic-version``, without an integer ``max_tokens``, with a
+role other than user/assistant in ``messages``, an empty text block, a thinking
+block without its signature, a ``tool_use`` whose input is not an object, a
+``tool_use`` not answered by a ``tool_result`` at the start of the next message
+(or a ``tool_result`` that answers none), ``tool_choice`` without ``tools``, or a
+thinking budget not below ``max_tokens``; and with ``api_key`` set, any other
 ``x-api-key`` (401 ``authentication_error``).
 """
 
@@ -63,7 +70,9 @@ class FakeAnthropicUpstream(FakeOpenAIUpstream):
       (and no stop reason) after every that many tokens, as the docs' "cumulative"
       usage allows; ``None``: only the final one, as the API does today;
     * ``pings``: a ``ping`` event after ``message_start``, as the API sends;
-    * ``api_key``: the only ``x-api-key`` accepted (None: any, or none).
+    * ``api_key``: the only ``x-api-key`` accepted (None: any, or none);
+    * ``recording``: the pieces of a recorded answer (``tests/fixtures/anthropic``),
+      written as they are after the request passed the checks above.
     """
 
     DEFAULTS: dict[str, Any] = {
@@ -114,6 +123,8 @@ class FakeAnthropicUpstream(FakeOpenAIUpstream):
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
             b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n",
         )
+        if self.recording is not None:
+            return await self._replay(request, writer, self.recording)
         model = request.body["model"]
         await _write(
             writer,
@@ -202,6 +213,9 @@ class FakeAnthropicUpstream(FakeOpenAIUpstream):
                 return _error_response(
                     400, "invalid_request_error", f"messages.{i}: text content blocks must be non-empty"
                 )
+        problem = _conversation_problem(messages) or _options_problem(body)
+        if problem is not None:
+            return _error_response(400, "invalid_request_error", problem)
         return None
 
     async def _fail(self, writer: asyncio.StreamWriter, connection: UpstreamConnection) -> bool:
@@ -223,6 +237,54 @@ class FakeAnthropicUpstream(FakeOpenAIUpstream):
             await _write(writer, b"0\r\n\r\n")
             return True
         return await super()._fail(writer, connection)
+
+
+def _conversation_problem(messages: list[dict[str, Any]]) -> str | None:
+    """What the API would say of these turns' content blocks, or None."""
+    calls: list[str] = []  # the tool_use ids of the previous assistant turn
+    for i, message in enumerate(messages):
+        content = message["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(blocks, list):
+            return f"messages.{i}.content: Input should be a valid list"
+        answered = []
+        for j, block in enumerate(blocks):
+            where = f"messages.{i}.content.{j}"
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text" and not block.get("text"):
+                return f"{where}: text content blocks must be non-empty"
+            if kind == "thinking" and not isinstance(block.get("signature"), str):
+                return f"{where}.thinking.signature: Field required"
+            if kind == "tool_use" and not isinstance(block.get("input"), dict):
+                return f"{where}.tool_use.input: Input should be a valid dictionary"
+            if kind == "tool_result":
+                if message["role"] != "user" or block.get("tool_use_id") not in calls:
+                    return (f"{where}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                            f"{block.get('tool_use_id')}. Each `tool_result` block must have a "
+                            "corresponding `tool_use` block in the previous message.")
+                if len(answered) != j:
+                    return f"{where}: tool_result blocks must come first in the user message"
+                answered.append(block["tool_use_id"])
+            if kind not in ("text", "image", "thinking", "redacted_thinking", "tool_use", "tool_result"):
+                return f"{where}: Input tag {kind!r} found using 'type' does not match the expected tags"
+        missing = [call for call in calls if call not in answered]
+        if missing:
+            return (f"messages.{i}: `tool_use` ids were found without `tool_result` blocks immediately "
+                    f"after: {', '.join(missing)}. Each `tool_use` block must have a corresponding "
+                    "`tool_result` block in the next message.")
+        calls = []
+        if message["role"] == "assistant":
+            calls = [block.get("id") for block in blocks if block.get("type") == "tool_use"]
+    return None
+
+
+def _options_problem(body: dict[str, Any]) -> str | None:
+    if "tool_choice" in body and not body.get("tools"):
+        return "tool_choice: tool_choice may only be specified while providing tools"
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("budget_tokens", 0) >= body["max_tokens"]:
+        return "`max_tokens` must be greater than `thinking.budget_tokens`"
+    return None
 
 
 def _event(name: str, payload: dict[str, Any]) -> bytes:

@@ -53,6 +53,7 @@ from tokenwire import (
     UsageUpdate,
     create_app,
 )
+from tokenwire._events import ReasoningSignature
 from tokenwire.providers._http import HTTPProvider
 from tokenwire.providers.anthropic import AnthropicProvider
 from tokenwire.providers.openai import OpenAIProvider
@@ -141,16 +142,19 @@ def test_thinking_comes_apart_from_the_answer(
 ) -> None:
     upstream.configure(reasoning=["Let me", " think."], tokens=["Yes", "."])
     events = stream_events({"prompt": "hi"})
-    assert [(e["type"], e.get("text")) for e in events[1:-1]] == [
-        ("reasoning", "Let me"), ("reasoning", " think."), ("token", "Yes"), ("token", "."),
+    assert [(e["type"], e.get("text", e.get("signature"))) for e in events[1:-1]] == [
+        ("reasoning", "Let me"), ("reasoning", " think."),
+        ("reasoning_signature", "EqQBCgIYAhIM1gbcDa9GJwZA"),  # the fake's signature_delta
+        ("token", "Yes"), ("token", "."),
     ]
     assert events[-1]["usage"] == {"prompt_tokens": 11, "completion_tokens": 2}
 
 
 @pytest.mark.parametrize(
     ("stop_reason", "finish_reason"),
-    [("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"), ("tool_use", "stop"),
-     ("refusal", "stop"), ("model_context_window_exceeded", "length"), ("some_new_reason", "stop")],
+    [("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"), ("tool_use", "tool_calls"),
+     ("refusal", "content_filter"), ("model_context_window_exceeded", "length"), ("pause_turn", "other"),
+     ("some_new_reason", "other")],
 )
 def test_stop_reasons(
     upstream: FakeAnthropicUpstream, stream_events: StreamEvents, stop_reason: str, finish_reason: str
@@ -158,6 +162,8 @@ def test_stop_reasons(
     upstream.configure(stop_reason=stop_reason)
     done = stream_events({"prompt": "hi"})[-1]
     assert done["type"] == "done" and done["finish_reason"] == finish_reason
+    # The upstream's own word goes with "other", and only with it.
+    assert done.get("upstream_finish_reason") == (stop_reason if finish_reason == "other" else None)
 
 
 def test_usage_is_the_apis_running_count(
@@ -428,7 +434,7 @@ def test_parsing_an_answer() -> None:
         end("max_tokens", 2),
     )
     assert run_mocked(handler) == [
-        Reasoning("Hm."), Token("A"), Token("B"),
+        Reasoning("Hm."), ReasoningSignature("EqQB"), Token("A"), Token("B"),
         Finish("length", Usage(completion_tokens=2, prompt_tokens=115)),
     ]
 

@@ -173,9 +173,9 @@ def message_text(message: dict[str, Any]) -> str:
     return "".join(part["text"] for part in content if part.get("type") == "text")
 
 
-def unsupported(provider: str, what: str, fix: str) -> RequestError:
-    """The 400 for a request that asks ``provider`` for something it cannot do."""
-    return RequestError(400, "invalid_request", f"the {provider} provider cannot take {what}; {fix}")
+def unsupported(provider: str, what: str, fix: str, param: str | None = None) -> RequestError:
+    """The 400 for a request that asks ``provider`` for something it cannot do; ``param`` names the field."""
+    return RequestError(400, "invalid_request", f"the {provider} provider cannot take {what}; {fix}", param)
 
 
 class Provider(abc.ABC):
