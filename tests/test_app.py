@@ -165,7 +165,7 @@ def test_routes_answer_json_errors_and_static_files(open_app: str) -> None:
     assert "export async function* streamTokens" in js.text
     page = httpx.get(open_app + "/")
     assert page.headers["content-type"].startswith("text/html")
-    assert 'from "/tokenwire.js"' in page.text or "from '/tokenwire.js'" in page.text
+    assert 'from "./tokenwire.js"' in page.text
     health = httpx.get(open_app + "/healthz").json()
     assert health["status"] == "ok"
     assert health["provider"] == "scripted"

@@ -230,14 +230,16 @@ class AssistantMessage:
     def to_message(self) -> dict[str, Any]:
         """The assistant message to send back in the next request's ``messages``.
 
-        Its text (null when it only calls tools), its calls with their arguments as
-        the model wrote them, and its reasoning blocks unchanged, which Anthropic
+        Its text (null when it only calls tools), its complete calls with their
+        arguments as the model wrote them (a call the stream cut short is left out:
+        it cannot be run), and its reasoning blocks unchanged, which Anthropic
         checks.  A refusal is left out: requests have no field for it.
         """
         message: dict[str, Any] = {"role": "assistant", "content": self.text}
-        if self.tool_calls:
+        calls = [call for call in self.tool_calls if call.complete]  # a call cut short cannot be run
+        if calls:
             message["content"] = self.text or None
-            message["tool_calls"] = [call.to_dict() for call in self.tool_calls]
+            message["tool_calls"] = [call.to_dict() for call in calls]
         if self.reasoning:
             message["reasoning"] = [dict(block) for block in self.reasoning]
         return message

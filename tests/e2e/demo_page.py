@@ -24,6 +24,33 @@ def record_output_lengths(page) -> None:
     )
 
 
+def record_tool_arguments(page) -> None:
+    """Record, in the page, each piece of text added to a tool call block's arguments, in order."""
+    page.evaluate(
+        """() => {
+          window.__argumentPieces = [];
+          new MutationObserver((records) => {
+            for (const record of records) {
+              if (!record.target.matches?.(".tool-call .arguments")) continue;
+              for (const node of record.addedNodes) window.__argumentPieces.push(node.textContent);
+            }
+          }).observe(document.getElementById("conversation"), {childList: true, subtree: true});
+        }"""
+    )
+
+
+def tool_blocks(page) -> list[dict]:
+    """Every tool call block of the conversation, finished turns and the live one, in order."""
+    return page.eval_on_selector_all(
+        ".tool-call",
+        """blocks => blocks.map(b => ({
+          ...b.dataset,
+          arguments: b.querySelector(".arguments").textContent,
+          result: b.querySelector(".result")?.hidden === false ? b.querySelector(".result").textContent : null,
+        }))""",
+    )
+
+
 def server_log(app, stream_id: str) -> list[dict]:
     """The stream's events as the server logged them (read from the test thread: a list copy)."""
     result = app.state.relay.store.read_nowait(stream_id, 0)

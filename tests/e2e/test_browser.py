@@ -137,7 +137,7 @@ def test_server_refusal_shows_the_servers_message(demo, page_errors):
     demo.click("#send")
     demo.wait_for_selector("#status[data-state=error]", timeout=WAIT)
     s = status(demo)
-    assert "'prompt' must be a non-empty string" in s["text"]
+    assert "every message is empty" in s["text"]
     assert "400" in s["text"]
     assert s["finish"] == "error"
     assert demo.text_content("#output") == ""

@@ -100,6 +100,28 @@ test("yields the error event last and stops", async () => {
   assert.deepEqual(got, [start("s"), error]);
 });
 
+test("yields every event type as it is, the ones it does not know too", async () => {
+  const events = [
+    start("s-types"),
+    { type: "reasoning", text: "Think." },
+    { type: "reasoning_signature", signature: "sig" },
+    { type: "redacted_reasoning", data: "opaque" },
+    { type: "refusal", text: "No." },
+    { type: "tool_call_start", index: 0, id: "call_1", name: "calculate" },
+    { type: "tool_call_delta", index: 0, arguments: '{"expression":"1"}' },
+    { type: "tool_call_end", index: 0, id: "call_1", name: "calculate", arguments: '{"expression":"1"}' },
+    { type: "from_the_future", extra: [1, { nested: true }] },
+    { type: "done", finish_reason: "other", upstream_finish_reason: "pause_turn", usage: { prompt_tokens: null, completion_tokens: 3 } },
+  ];
+  routes.set("POST /types", (req, res) => {
+    res.writeHead(200, SSE_HEADERS);
+    res.end(events.map((e, i) => ev(i + 1, e)).join(""));
+  });
+  const got = [];
+  for await (const e of streamTokens(`${base}/types`, { body: {} })) got.push(e);
+  assert.deepEqual(got, events);
+});
+
 test("a 400 JSON error throws TokenwireError with status and error", async () => {
   routes.set("POST /bad", (req, res) => {
     res.writeHead(400, { "content-type": "application/json" });

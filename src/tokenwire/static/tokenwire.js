@@ -1,7 +1,11 @@
 // tokenwire browser client: POST a generation, read its Server-Sent Events over fetch.
 //
-//   import { streamTokens, parseSSE, SSEParser, TokenwireError } from "/tokenwire.js";
-//   for await (const ev of streamTokens("/api/stream", { body, headers, signal, resume: true })) { ... }
+//   import { streamTokens, MessageAccumulator, parseSSE, SSEParser, TokenwireError } from "/tokenwire.js";
+//   const answer = new MessageAccumulator();
+//   for await (const ev of streamTokens("/api/stream", { body, headers, signal, resume: true })) {
+//     answer.add(ev); ...
+//   }
+//   messages.push(answer.toMessage()); // then one {role: "tool"} message per answer.toolCalls entry
 //
 // The SSE parser follows the HTML standard, "9.2.6 Interpreting an event stream", exactly like
 // src/tokenwire/_sse.py; both are tested against tests/fixtures/sse/cases.json. One deliberate
@@ -22,13 +26,26 @@
 
 /**
  * One event of a tokenwire stream (docs/protocol.md, "Events").
+ * Types this client does not know are yielded too, as they came ("Clients should ignore event
+ * types and fields they do not know").
  * @typedef {{type: "start", stream_id: string, model: string}
  *   | {type: "queued", position: number}
  *   | {type: "token", text: string}
  *   | {type: "reasoning", text: string}
- *   | {type: "done", finish_reason: "stop"|"length"|"cancelled"|"timeout",
+ *   | {type: "reasoning_signature", signature: string}
+ *   | {type: "redacted_reasoning", data: string}
+ *   | {type: "refusal", text: string}
+ *   | {type: "tool_call_start", index: number, id: string, name: string}
+ *   | {type: "tool_call_delta", index: number, arguments: string}
+ *   | {type: "tool_call_end", index: number, id: string, name: string, arguments: string}
+ *   | {type: "done", finish_reason: FinishReason, upstream_finish_reason?: string,
  *      usage: {prompt_tokens: number|null, completion_tokens: number}}
  *   | {type: "error", error: {type: string, message: string, retryable: boolean}}} StreamEvent
+ */
+
+/**
+ * Why a stream ended (docs/protocol.md, "The end"); `other` comes with `upstream_finish_reason`.
+ * @typedef {"stop"|"length"|"tool_calls"|"content_filter"|"other"|"cancelled"|"timeout"} FinishReason
  */
 
 const LF = 10;
@@ -393,8 +410,9 @@ const defaultFetch = (input, init) => globalThis.fetch(input, init);
  */
 
 /**
- * Starts a generation and yields its events (`start`, `queued`, `token`, `reasoning`, and last
- * `done` or `error`) as they arrive.
+ * Starts a generation and yields its events (`start`, `queued`, the output events, and last
+ * `done` or `error`) as they arrive, every type as it is: feed them to a
+ * {@link MessageAccumulator} to assemble the answer.
  *
  * Throws a {@link TokenwireError} on a non-2xx answer, a wrong content type, or a stream that ends
  * without its `done` / `error` event (`type: "stream_cut"`, after the reconnection attempts when
@@ -615,4 +633,231 @@ function randomKey() {
 /** @param {unknown} err */
 function errorMessage(err) {
   return err instanceof Error ? err.message : String(err);
+}
+
+/**
+ * One tool call of an answer, as far as it has streamed.
+ * @typedef {object} ToolCall
+ * @property {number} index  the call's place among the answer's calls, from 0 in the order they started
+ * @property {string} id
+ * @property {string} name
+ * @property {string} arguments  the JSON text so far; once `done`, the whole of it, as the model wrote it
+ * @property {Record<string, unknown>|undefined} input  the parsed arguments, once `done` and if they are
+ *   a JSON object (what every tool takes); otherwise undefined
+ * @property {string|undefined} error  why a `done` call has no `input`: the arguments are not JSON, or
+ *   not an object
+ * @property {boolean} done  its `tool_call_end` has arrived
+ */
+
+/**
+ * A block of reasoning, as the assistant message sends it back (docs/protocol.md, "Reasoning").
+ * @typedef {{type: "reasoning", text: string, signature?: string}
+ *   | {type: "redacted_reasoning", data: string}} ReasoningBlock
+ */
+
+/**
+ * An assistant turn in the request's shape (docs/protocol.md, "Messages").
+ * @typedef {object} AssistantMessage
+ * @property {"assistant"} role
+ * @property {string|null} content  null only when the turn is tool calls and no text
+ * @property {{id: string, type: "function", function: {name: string, arguments: string}}[]} [tool_calls]
+ * @property {ReasoningBlock[]} [reasoning]
+ */
+
+/**
+ * Assembles one answer from its stream's events: the text, the reasoning blocks, the refusal, the
+ * tool calls (arguments growing as their fragments arrive, interleaved or not), and how it ended.
+ * `toMessage()` gives the assistant message to send back with the tool results.
+ *
+ * Feed it every event of one stream, in order; events it has no use for (`start`, `queued`, types
+ * it does not know) are ignored. The getters give copies (shallow: a call's parsed `input` is shared),
+ * to read as often as the page repaints.
+ */
+export class MessageAccumulator {
+  #text = "";
+  #refusal = "";
+  /** @type {ReasoningBlock[]} the blocks a signature or a redaction closed */
+  #blocks = [];
+  /** @type {string|null} reasoning text since the last closed block; null: none */
+  #openReasoning = null;
+  /** @type {Map<number, ToolCall>} */
+  #calls = new Map();
+  /** @type {FinishReason|null} */
+  #finishReason = null;
+  /** @type {string|null} */
+  #upstreamFinishReason = null;
+  /** @type {{prompt_tokens: number|null, completion_tokens: number}|null} */
+  #usage = null;
+  /** @type {{type: string, message: string, retryable: boolean}|null} */
+  #error = null;
+
+  /**
+   * Takes the stream's next event.
+   * @param {StreamEvent | {type: string, [key: string]: any}} event
+   */
+  add(event) {
+    const e = /** @type {any} */ (event);
+    switch (e.type) {
+      case "token":
+        this.#text += e.text;
+        break;
+      case "reasoning":
+        this.#openReasoning = (this.#openReasoning ?? "") + e.text;
+        break;
+      case "reasoning_signature":
+        // "the reasoning texts since the stream's start or the last reasoning_signature /
+        // redacted_reasoning form one block, signed with this"
+        this.#blocks.push({ type: "reasoning", text: this.#openReasoning ?? "", signature: e.signature });
+        this.#openReasoning = null;
+        break;
+      case "redacted_reasoning":
+        this.#closeReasoning();
+        this.#blocks.push({ type: "redacted_reasoning", data: e.data });
+        break;
+      case "refusal":
+        this.#refusal += e.text;
+        break;
+      case "tool_call_start": {
+        const call = this.#call(e.index);
+        call.id = e.id;
+        call.name = e.name;
+        break;
+      }
+      case "tool_call_delta":
+        this.#call(e.index).arguments += e.arguments;
+        break;
+      case "tool_call_end": {
+        const call = this.#call(e.index);
+        call.id = e.id;
+        call.name = e.name;
+        // The whole string is authoritative: it is what the model sent, and what goes back.
+        call.arguments = e.arguments;
+        call.done = true;
+        parseArguments(call);
+        break;
+      }
+      case "done":
+        this.#finishReason = e.finish_reason;
+        this.#upstreamFinishReason = e.upstream_finish_reason ?? null;
+        this.#usage = e.usage ?? null;
+        break;
+      case "error":
+        this.#error = e.error;
+        break;
+      default:
+      // start, queued, and types this client does not know
+    }
+  }
+
+  /** The answer's text so far. @returns {string} */
+  get text() {
+    return this.#text;
+  }
+
+  /**
+   * The reasoning so far, block by block; the text after the last signature (if any) is a last
+   * block without one.
+   * @returns {ReasoningBlock[]}
+   */
+  get reasoning() {
+    const blocks = this.#blocks.map((block) => ({ ...block }));
+    if (this.#openReasoning !== null) blocks.push({ type: "reasoning", text: this.#openReasoning });
+    return blocks;
+  }
+
+  /** The refusal's text so far ("" if the model did not refuse). @returns {string} */
+  get refusal() {
+    return this.#refusal;
+  }
+
+  /** The tool calls so far, by index. @returns {ToolCall[]} */
+  get toolCalls() {
+    return [...this.#calls.values()].sort((a, b) => a.index - b.index).map((call) => ({ ...call }));
+  }
+
+  /** `done`'s finish_reason; null until it arrives. @returns {FinishReason|null} */
+  get finishReason() {
+    return this.#finishReason;
+  }
+
+  /** `done`'s upstream_finish_reason (set with finish_reason "other"), else null. @returns {string|null} */
+  get upstreamFinishReason() {
+    return this.#upstreamFinishReason;
+  }
+
+  /** `done`'s usage; null until it arrives. @returns {{prompt_tokens: number|null, completion_tokens: number}|null} */
+  get usage() {
+    return this.#usage;
+  }
+
+  /** The `error` event's error, if the stream failed; else null. @returns {{type: string, message: string, retryable: boolean}|null} */
+  get error() {
+    return this.#error;
+  }
+
+  /**
+   * The assistant message to append to `messages` before the tool results: its text (null when
+   * there is none and there are calls), the calls that ended (one still streaming when the stream
+   * stopped cannot be run, so it is left out), and the reasoning blocks, which a provider that signs
+   * them needs back unchanged.
+   * @returns {AssistantMessage}
+   */
+  toMessage() {
+    const calls = this.toolCalls.filter((call) => call.done);
+    /** @type {AssistantMessage} */
+    const message = { role: "assistant", content: this.#text || (calls.length ? null : "") };
+    if (calls.length) {
+      message.tool_calls = calls.map((call) => ({
+        id: call.id,
+        type: "function",
+        function: { name: call.name, arguments: call.arguments },
+      }));
+    }
+    const reasoning = this.reasoning;
+    if (reasoning.length) message.reasoning = reasoning;
+    return message;
+  }
+
+  #closeReasoning() {
+    if (this.#openReasoning === null) return;
+    this.#blocks.push({ type: "reasoning", text: this.#openReasoning });
+    this.#openReasoning = null;
+  }
+
+  /**
+   * The call at `index`, created if its start has not arrived (the server always sends it first).
+   * @param {number} index
+   * @returns {ToolCall}
+   */
+  #call(index) {
+    let call = this.#calls.get(index);
+    if (call === undefined) {
+      call = { index, id: "", name: "", arguments: "", input: undefined, error: undefined, done: false };
+      this.#calls.set(index, call);
+    }
+    return call;
+  }
+}
+
+/**
+ * Sets a finished call's `input`, or its `error`.
+ * @param {ToolCall} call
+ */
+function parseArguments(call) {
+  call.input = undefined;
+  call.error = undefined;
+  let value;
+  try {
+    value = JSON.parse(call.arguments);
+  } catch (err) {
+    call.error = `the arguments are not valid JSON: ${errorMessage(err)}`;
+    return;
+  }
+  if (value === null || typeof value !== "object" || Array.isArray(value)) {
+    // Worded as the Python client words it.
+    const kind = value === null ? "null" : Array.isArray(value) ? "array" : typeof value;
+    call.error = `the arguments are a JSON ${kind}, not an object`;
+    return;
+  }
+  call.input = value;
 }
