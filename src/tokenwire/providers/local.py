@@ -34,6 +34,10 @@ How it holds together:
     default is 512): the abort callback is polled between graph nodes, which
     are 8 times shorter than a 512-token graph's, at no cost in prompt speed
     (bench/RESULTS.md, "Stopping a prompt evaluation").
+
+Tool calls go through llama-cpp-python's chat handlers, which stream one only when
+``tool_choice`` names the function; they, ``response_format`` and the shapes of the
+messages are in ``_llama_chat.py``.
 """
 
 from __future__ import annotations
@@ -52,9 +56,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from .._events import Finish, ProviderEvent, Queued, Token, Usage
-from .._exceptions import ConfigError, ProviderError
-from .base import GenerationRequest, Provider, on_stop
+from .._events import Finish, FinishReason, ProviderEvent, Queued, Token, Usage
+from .._exceptions import ConfigError, ProviderError, RequestError
+from ._llama_chat import (
+    ToolCallDecoder,
+    ToolFormat,
+    chat_messages,
+    chat_options,
+    chatml_tools_handler,
+    tool_format,
+    tool_history_param,
+)
+from .base import GenerationRequest, Provider, on_stop, unsupported
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -195,6 +208,9 @@ class LocalProvider(Provider):
         self.n_ubatch = n_ubatch
         self.max_queue = max_queue
         self.idle_priority = idle_priority
+        #: How the model is given tools (_llama_chat.tool_format), read from its chat template by startup().
+        self.tool_format: ToolFormat | None = None
+        self._tool_handler: Any = None  # the chat handler for requests that use tools, if not the model's own
         self._lowered_switch_interval = False
 
         self._cond = threading.Condition()
@@ -275,6 +291,51 @@ class LocalProvider(Provider):
         with self._cond:
             self._counts[key] += 1
             self._cond.notify_all()
+
+    # -- what it can take ------------------------------------------------------------
+
+    def check(self, request: GenerationRequest) -> None:
+        """Images, and tools the model cannot call or the handler cannot stream, are a 400.
+
+        Before :meth:`startup` the chat template is unknown and tools pass: the stream fails anyway.
+        """
+        for i, message in enumerate(request.messages):
+            content = message.get("content")
+            for j, part in enumerate(content if isinstance(content, list) else ()):
+                if part.get("type") == "image_url":
+                    raise unsupported(
+                        self.name,
+                        "images",
+                        "send the text only, or use the openai provider (a server whose model reads images) "
+                        "or the anthropic provider",
+                        f"messages[{i}].content[{j}]",
+                    )
+        if not request.uses_tools() or self.tool_format is None:
+            return
+        if self.tool_format == "unsupported":
+            raise RequestError(
+                400,
+                "invalid_request",
+                f"this model cannot call tools: the chat template of {Path(self.model_path).name} neither renders "
+                "tools nor is ChatML; use a model whose chat template supports function calling (Qwen2.5-Instruct, "
+                "Llama-3.1-Instruct, any ChatML model), or the openai provider in front of llama.cpp's server "
+                "(llama-server --jinja)",
+                "tools" if request.tools else tool_history_param(request.messages),
+            )
+        choice = request.tool_choice
+        if not request.tools or choice == "none" or isinstance(choice, dict):
+            return
+        if choice == "required" and len(request.tools) == 1:
+            return  # the one tool there is: named
+        raise unsupported(
+            self.name,
+            f"'tool_choice' {choice!r}" if choice else "'tools' without a 'tool_choice' (that is \"auto\")",
+            "llama-cpp-python streams a tool call only when the request names the function: send "
+            '"tool_choice": {"type": "function", "function": {"name": "..."}} (or "none" for a text answer, '
+            "such as the one after the tool results), or use the openai provider in front of llama.cpp's "
+            "server (llama-server --jinja)",
+            "tool_choice",
+        )
 
     # -- the consumer's side (event loop) ------------------------------------------
 
@@ -390,6 +451,10 @@ class LocalProvider(Provider):
         self._abort = _AbortSwitch(llama_cpp)
         llama_cpp.llama_set_abort_callback(llm.ctx, self._abort.callback, self._abort.data)
 
+        self.tool_format = tool_format(llm.metadata.get("tokenizer.chat_template"))
+        if self.tool_format == "chatml":
+            self._tool_handler = chatml_tools_handler()
+
         # Llama.generate() calls self.sample() exactly once per token, including
         # tokens the stream holds back (stop-sequence prefixes, split UTF-8) and
         # the end-of-generation token: the one place that sees all the work done.
@@ -435,19 +500,28 @@ class LocalProvider(Provider):
             options["top_p"] = request.top_p
         if request.stop:
             options["stop"] = list(request.stop)
+        options.update(chat_options(request))
+        # create_chat_completion() runs llm.chat_handler if set, else the model's own: set per job, by
+        # the one thread that uses the model, so that both kinds of request get the same defaults.
+        llm.chat_handler = self._tool_handler if request.uses_tools() else None
+        calls = ToolCallDecoder()
         chunks: Iterator[Any] | None = None
         finish_reason = "stop"
         try:
-            chunks = llm.create_chat_completion(request.messages, stream=True, **options)  # type: ignore[assignment]
+            messages = chat_messages(request.messages)
+            chunks = llm.create_chat_completion(messages, stream=True, **options)  # type: ignore[arg-type,assignment]
             assert chunks is not None
             while not job.stop.is_set():
                 chunk = next(chunks, None)  # computes the next token
                 if chunk is None:
                     break
                 choice = chunk["choices"][0]
-                text = choice["delta"].get("content")
+                delta = choice["delta"]
+                text = delta.get("content")
                 if text:
                     job.post(Token(text))
+                for event in calls.decode(delta.get("tool_calls")):
+                    job.post(event)
                 finish_reason = choice.get("finish_reason") or finish_reason
         except Exception as exc:
             # An aborted llama_decode leaves the KV cache half-written; start the next job clean.
@@ -461,8 +535,18 @@ class LocalProvider(Provider):
                 chunks.close()  # type: ignore[attr-defined]  # here, in the thread that runs it
         if job.stop.is_set():
             return "cancelled", None
+        for event in calls.flush():
+            job.post(event)
         usage = Usage(completion_tokens=job.sampled - int(job.ended_on_eog), prompt_tokens=job.prompt_tokens)
-        return "finished", Finish("length" if finish_reason == "length" else "stop", usage)
+        reason: FinishReason = "length" if finish_reason == "length" else "stop"
+        if calls.started:
+            # The handler says "tool_calls" however the call ended; the grammar lets the model end
+            # only once the arguments are complete, so a call that did not end so was cut short.
+            if job.ended_on_eog:
+                reason = "tool_calls"
+            elif request.max_tokens is not None and job.sampled >= request.max_tokens:
+                reason = "length"  # else "stop": a stop sequence met inside the arguments
+        return "finished", Finish(reason, usage)
 
     def _provider_error(self, exc: Exception) -> ProviderError:
         if "exceed context window" in str(exc):  # llama-cpp-python: "Requested tokens (N) exceed context window of M"
