@@ -9,8 +9,9 @@ of that with any sequence of events, for a test or a benchmark that needs one.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from .._events import (
@@ -103,7 +104,7 @@ class ScriptedProvider(Provider):
         self.first_token_delay = first_token_delay
         self.echo = echo
 
-    def _script(self, request: GenerationRequest) -> tuple[list[ProviderEvent], Finish]:
+    def _script(self, request: GenerationRequest) -> tuple[Iterable[ProviderEvent], Finish]:
         if self.steps is not None:
             return self.steps
         events: list[ProviderEvent] = []
@@ -128,8 +129,8 @@ class ScriptedProvider(Provider):
             events += [ToolCallDelta(0, part) for part in split_arguments(arguments)]
             events.append(ToolCallEnd(0, call_id, name, arguments))
             return events, Finish("tool_calls")
-        events += [Token(t) for t in self._text(request)]
-        return events, Finish("stop")
+        # Lazily: a benchmark's script can be a million tokens long, for hundreds of streams at once.
+        return itertools.chain(events, map(Token, self._text(request))), Finish("stop")
 
     def _text(self, request: GenerationRequest) -> list[str]:
         if self.echo:
