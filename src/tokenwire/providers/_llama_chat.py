@@ -21,8 +21,8 @@ import json
 import re
 from typing import Any, Literal
 
-from .._events import ProviderEvent, ToolCallDelta, ToolCallEnd, ToolCallStart
-from .base import GenerationRequest, message_text
+from .._events import ProviderEvent
+from .base import GenerationRequest, StreamingToolCall, message_text
 
 #: How a model is given tools: "template", its chat template renders ``tools`` itself (Qwen2.5,
 #: Llama 3.1, Hermes, ...); "chatml", another ChatML template; "unsupported", neither.
@@ -154,8 +154,7 @@ class ToolCallDecoder:
     """Streamed ``delta.tool_calls`` -> ToolCallStart / ToolCallDelta; ``flush()`` ends the calls."""
 
     def __init__(self) -> None:
-        # The handler's index -> ours (in start order), the id, the name, the argument fragments.
-        self._calls: dict[int, tuple[int, str, str, list[str]]] = {}
+        self._calls: dict[int, StreamingToolCall] = {}  # by the handler's index; ours count in start order
 
     @property
     def started(self) -> bool:
@@ -167,19 +166,15 @@ class ToolCallDecoder:
             function = delta.get("function") or {}
             call = self._calls.get(delta["index"])
             if call is None:
-                call = self._calls[delta["index"]] = (len(self._calls), delta["id"], function["name"], [])
-                events.append(ToolCallStart(call[0], call[1], call[2]))
+                call = self._calls[delta["index"]] = StreamingToolCall(len(self._calls), delta["id"], function["name"])
+                events.append(call.start())
             arguments = function.get("arguments")
             if arguments:
-                call[3].append(arguments)
-                events.append(ToolCallDelta(call[0], arguments))
+                events.append(call.delta(arguments))
         return events
 
     def flush(self) -> list[ProviderEvent]:
         events: list[ProviderEvent] = []
-        for index, call_id, name, fragments in self._calls.values():
-            if not fragments:  # still arguments a client can parse
-                fragments.append("{}")
-                events.append(ToolCallDelta(index, "{}"))
-            events.append(ToolCallEnd(index, call_id, name, "".join(fragments)))
+        for call in self._calls.values():
+            events.extend(call.end())
         return events

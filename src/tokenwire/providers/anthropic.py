@@ -52,16 +52,13 @@ from .._events import (
     ReasoningSignature,
     RedactedReasoning,
     Token,
-    ToolCallDelta,
-    ToolCallEnd,
-    ToolCallStart,
     Usage,
     UsageUpdate,
 )
 from .._exceptions import ProviderError, RequestError
 from .._sse import ServerSentEvent
 from ._http import HTTPProvider, SSEParser, malformed, one_line
-from .base import GenerationRequest, message_text, unsupported
+from .base import GenerationRequest, StreamingToolCall, message_text, unsupported
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_MODEL = "claude-sonnet-4-5"
@@ -313,26 +310,6 @@ def _tool_choice(request: GenerationRequest) -> dict[str, Any] | None:
 # -- the answer ----------------------------------------------------------------
 
 
-class _Call:
-    """One tool_use block of the answer, while it streams."""
-
-    __slots__ = ("index", "id", "name", "arguments")
-
-    def __init__(self, index: int, call_id: str, name: str) -> None:
-        self.index = index
-        self.id = call_id
-        self.name = name
-        self.arguments: list[str] = []
-
-    def end(self) -> list[ProviderEvent]:
-        events: list[ProviderEvent] = []
-        if not self.arguments:  # a call with no argument text still has parseable arguments
-            self.arguments.append("{}")
-            events.append(ToolCallDelta(self.index, "{}"))
-        events.append(ToolCallEnd(self.index, self.id, self.name, "".join(self.arguments)))
-        return events
-
-
 class _EventParser(SSEParser):
     """Messages API events -> provider events, remembering the open blocks, the stop reason and usage."""
 
@@ -344,7 +321,7 @@ class _EventParser(SSEParser):
         self.output_tokens: int | None = None  # the last running count of a message_delta
         # Text, thinking and argument fragments yielded, for an answer that reports no output_tokens.
         self.tokens = 0
-        self.calls: dict[int, _Call] = {}  # open tool_use blocks, by block index
+        self.calls: dict[int, StreamingToolCall] = {}  # open tool_use blocks, by block index
         self.signatures: dict[int, list[str]] = {}  # open thinking blocks' signature fragments
         self.call_count = 0
 
@@ -397,11 +374,11 @@ class _EventParser(SSEParser):
         if kind == "tool_use":
             if index in self.calls:
                 raise malformed(f"a tool_use block at index {index}, where a call is still open")
-            call = _Call(self.call_count, _string(block, "id", kind), _string(block, "name", kind))
+            call = StreamingToolCall(self.call_count, _string(block, "id", kind), _string(block, "name", kind))
             self.call_count += 1
             self.calls[index] = call
             # Its "input" is {} when streamed: the arguments come as input_json_delta.
-            return [ToolCallStart(call.index, call.id, call.name)]
+            return [call.start()]
         return []  # server_tool_use, web_search_tool_result …: run by Anthropic, not the client's
 
     def _delta(self, index: int, delta: dict[str, Any]) -> list[ProviderEvent]:
@@ -423,9 +400,8 @@ class _EventParser(SSEParser):
             fragment = _string(delta, "partial_json", kind, empty=True)
             if not fragment:  # the API opens each call's input with one
                 return []
-            call.arguments.append(fragment)
             self.tokens += 1
-            return [ToolCallDelta(call.index, fragment)]
+            return [call.delta(fragment)]
         return []  # citations_delta, and types added after this was written
 
     def _stop(self, index: int) -> list[ProviderEvent]:

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._events import ProviderEvent
+from .._events import ProviderEvent, ToolCallDelta, ToolCallEnd, ToolCallStart
 from .._exceptions import RequestError
 
 logger = logging.getLogger("tokenwire")
@@ -161,6 +161,35 @@ class GenerationRequest:
     def uses_tools(self) -> bool:
         """The request offers tools, or its history holds tool calls or results."""
         return bool(self.tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in self.messages)
+
+
+class StreamingToolCall:
+    """One tool call of an answer while it streams: its events, as docs/protocol.md orders them.
+
+    ``start()`` and ``delta()`` give its ``ToolCallStart`` and each ``ToolCallDelta``;
+    ``end()`` gives its ``ToolCallEnd`` with the fragments joined, after a
+    ``ToolCallDelta("{}")`` when none came, so that a client always has arguments to parse.
+    """
+
+    __slots__ = ("index", "id", "name", "fragments")
+
+    def __init__(self, index: int, call_id: str, name: str) -> None:
+        self.index = index
+        self.id = call_id
+        self.name = name
+        self.fragments: list[str] = []
+
+    def start(self) -> ToolCallStart:
+        return ToolCallStart(self.index, self.id, self.name)
+
+    def delta(self, fragment: str) -> ToolCallDelta:
+        self.fragments.append(fragment)
+        return ToolCallDelta(self.index, fragment)
+
+    def end(self) -> list[ProviderEvent]:
+        events: list[ProviderEvent] = [] if self.fragments else [self.delta("{}")]
+        events.append(ToolCallEnd(self.index, self.id, self.name, "".join(self.fragments)))
+        return events
 
 
 def message_text(message: dict[str, Any]) -> str:

@@ -25,15 +25,12 @@ from .._events import (
     Reasoning,
     Refusal,
     Token,
-    ToolCallDelta,
-    ToolCallEnd,
-    ToolCallStart,
     Usage,
 )
 from .._exceptions import ProviderError
 from .._sse import ServerSentEvent
 from ._http import MAX_ERROR_BODY, HTTPProvider, SSEParser, malformed, message_of, one_line
-from .base import GenerationRequest
+from .base import GenerationRequest, StreamingToolCall
 
 __all__ = ["MAX_ERROR_BODY", "OpenAIProvider"]
 
@@ -113,26 +110,6 @@ FINISH_REASONS: dict[str, FinishReason] = {
 }
 
 
-class _Call:
-    """One tool call of the answer, while it streams."""
-
-    __slots__ = ("index", "id", "name", "arguments")
-
-    def __init__(self, index: int, call_id: str, name: str) -> None:
-        self.index = index
-        self.id = call_id
-        self.name = name
-        self.arguments: list[str] = []
-
-    def end(self) -> list[ProviderEvent]:
-        events: list[ProviderEvent] = []
-        if not self.arguments:  # a call with no argument text still has parseable arguments
-            self.arguments.append("{}")
-            events.append(ToolCallDelta(self.index, "{}"))
-        events.append(ToolCallEnd(self.index, self.id, self.name, "".join(self.arguments)))
-        return events
-
-
 class _ChunkParser(SSEParser):
     """``data:`` payloads -> provider events, remembering finish_reason and usage."""
 
@@ -141,8 +118,8 @@ class _ChunkParser(SSEParser):
         self.done = False
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
-        self.calls: dict[int, _Call] = {}  # by the upstream's index
-        self.open: list[_Call] = []  # calls not ended yet, in start order
+        self.calls: dict[int, StreamingToolCall] = {}  # by the upstream's index
+        self.open: list[StreamingToolCall] = []  # calls not ended yet, in start order
 
     @property
     def complete(self) -> bool:
@@ -233,14 +210,13 @@ class _ChunkParser(SSEParser):
                 if not name:
                     raise malformed("a tool call's first fragment without the function's name")
                 index = len(self.calls)
-                call = self.calls[key] = _Call(index, call_id or f"call_{index}", name)
+                call = self.calls[key] = StreamingToolCall(index, call_id or f"call_{index}", name)
                 self.open.append(call)
-                events.append(ToolCallStart(call.index, call.id, call.name))
+                events.append(call.start())
             elif call not in self.open:
                 raise malformed(f"a fragment of tool call {key} after the end of the answer")
             if arguments:
-                call.arguments.append(arguments)
-                events.append(ToolCallDelta(call.index, arguments))
+                events.append(call.delta(arguments))
 
     def _end_calls(self, events: list[ProviderEvent]) -> None:
         for call in self.open:

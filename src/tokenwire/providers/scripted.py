@@ -27,7 +27,7 @@ from .._events import (
     ToolCallStart,
     Usage,
 )
-from .base import GenerationRequest, Provider, message_text
+from .base import GenerationRequest, Provider, StreamingToolCall, message_text
 
 DEFAULT_SCRIPT = (
     "Tokens travel from the model to your browser one by one, as Server-Sent Events over fetch. "
@@ -147,7 +147,7 @@ class ScriptedProvider(Provider):
             await asyncio.sleep(self.first_token_delay)
         sent = 0  # counted output
         written = 0  # every event, for the interval between them
-        calls: dict[int, tuple[ToolCallStart, list[str]]] = {}  # started and not ended
+        calls: dict[int, StreamingToolCall] = {}  # started and not ended
         closing: list[ProviderEvent] = []
         for event in events:
             kind = type(event)
@@ -162,9 +162,9 @@ class ScriptedProvider(Provider):
             if kind in _COUNTED:
                 sent += 1
             if isinstance(event, ToolCallStart):
-                calls[event.index] = (event, [])
+                calls[event.index] = StreamingToolCall(event.index, event.id, event.name)
             elif isinstance(event, ToolCallDelta) and event.index in calls:
-                calls[event.index][1].append(event.arguments)
+                calls[event.index].fragments.append(event.arguments)
             elif isinstance(event, ToolCallEnd):
                 calls.pop(event.index, None)
         for event in closing:
@@ -176,15 +176,9 @@ class ScriptedProvider(Provider):
         yield Finish(finish.finish_reason, usage, finish.upstream_reason)
 
 
-def _close(calls: dict[int, tuple[ToolCallStart, list[str]]]) -> list[ProviderEvent]:
+def _close(calls: dict[int, StreamingToolCall]) -> list[ProviderEvent]:
     """Ends for the calls a ``max_tokens`` cut left open, with the arguments so far (as OpenAI cuts them)."""
-    events: list[ProviderEvent] = []
-    for index, (start, parts) in calls.items():
-        if not parts:  # a call must have some arguments text for clients to parse
-            parts.append("{}")
-            events.append(ToolCallDelta(index, "{}"))
-        events.append(ToolCallEnd(index, start.id, start.name, "".join(parts)))
-    return events
+    return [event for call in calls.values() for event in call.end()]
 
 
 def _chosen_tool(request: GenerationRequest) -> dict[str, Any] | None:
