@@ -315,3 +315,17 @@ def test_byte_by_byte_through_the_server(upstream: FakeOpenAIUpstream, stream_ev
     upstream.configure(recording=in_pieces(WHOLE, 1))
     events = stream_events({"prompt": "Weather and time?", "tools": TOOLS})
     assert {i: c["end"] for i, c in calls_of(events).items()} == {0: WEATHER_ARGUMENTS, 1: TIME_ARGUMENTS}
+
+
+def test_metrics_count_tool_call_answers_by_their_finish_reason(
+    upstream: FakeOpenAIUpstream, stream_events: StreamEvents, base_url: str, client: httpx.Client
+) -> None:
+    def finished(outcome: str) -> float:
+        line = f'tokenwire_streams_finished_total{{outcome="{outcome}"}} '
+        text = client.get(base_url + "/metrics").text
+        return next((float(row[len(line) :]) for row in text.splitlines() if row.startswith(line)), 0.0)
+
+    before = finished("tool_calls")
+    upstream.configure(recording=[recording("llamacpp_tool_call.sse")])
+    assert stream_events({"prompt": "Weather?", "tools": TOOLS[:1]})[-1]["finish_reason"] == "tool_calls"
+    assert finished("tool_calls") == before + 1
