@@ -35,6 +35,18 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
+
+from tokenwire import (
+    Finish,
+    Reasoning,
+    ReasoningSignature,
+    RedactedReasoning,
+    Refusal,
+    Token,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
 import uvicorn
 
 from tokenwire._sse import SSEDecoder
@@ -709,3 +721,22 @@ def active_streams(base_url: str, client: httpx.Client | None = None) -> int:
     if client is None:
         return httpx.get(base_url + "/healthz", timeout=5).json()["active_streams"]
     return client.get(base_url + "/healthz").json()["active_streams"]
+
+
+#: One of each output event, with two calls interleaved, for ``ScriptedProvider(steps=...)``.
+EVERY_OUTPUT = [
+    Reasoning("Two"),
+    Reasoning(" calls."),
+    ReasoningSignature("sig-1"),
+    RedactedReasoning("opaque=="),
+    Token("Checking."),
+    ToolCallStart(0, "call_a", "get_weather"),
+    ToolCallDelta(0, '{"city":'),
+    ToolCallStart(1, "call_b", "get_time"),
+    ToolCallDelta(1, '{"tz":"CET"}'),
+    ToolCallDelta(0, '"Zürich"}'),
+    ToolCallEnd(0, "call_a", "get_weather", '{"city":"Zürich"}'),
+    ToolCallEnd(1, "call_b", "get_time", '{"tz":"CET"}'),
+    Refusal("(not really)"),
+    Finish("other", upstream_reason="pause_turn"),
+]

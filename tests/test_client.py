@@ -13,18 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from fakes import run_async, serve_app, wait_until
-from tokenwire import (
-    Finish,
-    Reasoning,
-    ScriptedProvider,
-    Settings,
-    Token,
-    TokenwireHTTPError,
-    create_app,
-    stream_tokens,
-)
-from tokenwire._events import ReasoningSignature, RedactedReasoning, ToolCallDelta, ToolCallEnd, ToolCallStart
+from fakes import EVERY_OUTPUT, run_async, serve_app, wait_until
+from tokenwire import ScriptedProvider, Settings, TokenwireHTTPError, create_app, stream_tokens
 from tokenwire.providers.scripted import REASONING_SCRIPT, REFUSAL_SCRIPT, split_tokens
 
 LONG = " ".join(f"word{i}" for i in range(400))
@@ -244,24 +234,10 @@ def test_ask_refuses_a_tools_file_it_cannot_use(tmp_path) -> None:
     assert "cannot read it as JSON" in err
 
 
-STEPS = [
-    Reasoning("Two calls."),
-    ReasoningSignature("sig"),
-    RedactedReasoning("opaque=="),
-    Token("Checking"),
-    ToolCallStart(0, "call_a", "get_weather"),
-    ToolCallDelta(0, '{"city":'),
-    ToolCallStart(1, "call_b", "get_time"),
-    ToolCallDelta(1, '{"tz":"CET"}'),
-    ToolCallDelta(0, '"Zürich"}'),
-    ToolCallEnd(0, "call_a", "get_weather", '{"city":"Zürich"}'),
-    ToolCallEnd(1, "call_b", "get_time", '{"tz":"CET"}'),
-    Finish("other", upstream_reason="pause_turn"),
-]
 
 
 def test_ask_shows_parallel_calls_redacted_reasoning_and_an_upstreams_reason() -> None:
-    app = create_app(Settings(), provider=ScriptedProvider(steps=STEPS, interval=0))
+    app = create_app(Settings(), provider=ScriptedProvider(steps=EVERY_OUTPUT, interval=0))
     with serve_app(app) as url:
         process = ask(url, "anything")
         out, err = process.communicate(timeout=20)
@@ -269,8 +245,9 @@ def test_ask_shows_parallel_calls_redacted_reasoning_and_an_upstreams_reason() -
     assert out == (
         "[reasoning] Two calls.\n"
         "[reasoning, redacted by the provider]\n"
-        "Checking\n"
+        "Checking.\n"
         '[tool call get_weather {"city":"Zürich"}]\n'
         '[tool call get_time {"tz":"CET"}]\n'
+        "[refusal] (not really)\n"
     )
-    assert "[other (pause_turn): 5 tokens]" in err
+    assert "[other (pause_turn): 7 tokens]" in err

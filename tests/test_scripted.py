@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fakes import iter_events, run_async, serve_app
+from fakes import EVERY_OUTPUT, iter_events, run_async, serve_app
 from tokenwire import (
     Accumulator,
     Finish,
@@ -20,14 +20,7 @@ from tokenwire import (
     create_app,
     stream_tokens,
 )
-from tokenwire._events import (
-    ReasoningSignature,
-    RedactedReasoning,
-    Refusal,
-    ToolCallDelta,
-    ToolCallEnd,
-    ToolCallStart,
-)
+from tokenwire import Refusal, ToolCallDelta
 from tokenwire.providers.scripted import REASONING_SCRIPT, REFUSAL_SCRIPT, SIGNATURE, split_tokens
 
 WEATHER = {
@@ -191,22 +184,7 @@ def test_a_two_turn_tool_loop_with_the_accumulators_message(base_url: str) -> No
     assert third.tool_calls[0].parsed is not None and third.tool_calls[0].parsed["city"] == "And in Bern?"
 
 
-STEPS = [
-    Reasoning("Two"),
-    Reasoning(" calls."),
-    ReasoningSignature("sig-1"),
-    RedactedReasoning("opaque=="),
-    Token("Checking."),
-    ToolCallStart(0, "call_a", "get_weather"),
-    ToolCallDelta(0, '{"city":'),
-    ToolCallStart(1, "call_b", "get_time"),
-    ToolCallDelta(1, '{"tz":"CET"}'),
-    ToolCallDelta(0, '"Zürich"}'),
-    ToolCallEnd(0, "call_a", "get_weather", '{"city":"Zürich"}'),
-    ToolCallEnd(1, "call_b", "get_time", '{"tz":"CET"}'),
-    Refusal("(not really)"),
-    Finish("other", upstream_reason="pause_turn"),
-]
+STEPS = EVERY_OUTPUT
 INTERVAL = 0.05
 
 
