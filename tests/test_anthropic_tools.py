@@ -598,9 +598,15 @@ def call_with(arguments: str) -> list[dict[str, Any]]:
          "raise 'max_tokens', lower 'reasoning', or leave 'max_tokens' out (then 9216)"),
         ({"prompt": "hi", "reasoning": {"effort": "low"}, "tools": [WEATHER], "tool_choice": "required"},
          "tool_choice", "allows only \"auto\" or \"none\""),
+        ({"messages": call_with("{}")}, "tools", "send the same 'tools' as in the request that made the calls"),
+        ({"prompt": "hi", "reasoning": {"effort": "low"}, "temperature": 0.2}, "temperature",
+         "cannot take a 'temperature' other than 1 with 'reasoning'"),
+        ({"prompt": "hi", "reasoning": {"effort": "low"}, "top_p": 0.9}, "top_p",
+         "cannot take a 'top_p' under 0.95 with 'reasoning'"),
     ],
     ids=["response_format", "arguments-array", "arguments-broken", "max_tokens-equal", "max_tokens-below",
-         "forced-tool-with-thinking"],
+         "forced-tool-with-thinking", "tool-history-without-tools", "temperature-with-thinking",
+         "top_p-with-thinking"],
 )  # fmt: skip
 def test_what_anthropic_cannot_take_is_a_400_that_says_what_to_change(
     upstream: FakeAnthropicUpstream,
@@ -625,7 +631,8 @@ def test_a_request_check_passes_is_streamed(
     body = {"messages": call_with('{"tz": "CET"}') + [
         {"role": "tool", "tool_call_id": "toolu_a", "content": "12:00"},
         {"role": "tool", "tool_call_id": "toolu_b", "content": "12:00"}],
-        "tools": [TIME], "reasoning": {"budget_tokens": 2048}, "max_tokens": 2049}  # fmt: skip
+        "tools": [TIME], "reasoning": {"budget_tokens": 2048}, "max_tokens": 2049,
+        "temperature": 1, "top_p": 0.95}  # fmt: skip
     assert stream_events(body)[-1]["type"] == "done"
     sent = upstream.wait_request().body
     assert sent["max_tokens"] == 2049 and sent["messages"][1]["content"][-1]["input"] == {"tz": "CET"}

@@ -136,8 +136,22 @@ class AnthropicProvider(HTTPProvider):
                         "Anthropic takes a tool call's input as an object",
                         param,
                     )
+        if not request.tools and request.uses_tools():
+            # The API refuses it: "Requests which include tool_use or tool_result blocks must define tools".
+            raise _refusal(
+                "tool calls or tool results in 'messages' without 'tools'",
+                "send the same 'tools' as in the request that made the calls",
+                "tools",
+            )
         if request.reasoning is None:
             return
+        # Extended thinking takes no temperature but 1 and no top_p under 0.95 (Anthropic's docs).
+        if request.temperature is not None and request.temperature != 1.0:
+            raise _refusal(
+                "a 'temperature' other than 1 with 'reasoning'", "leave 'temperature' out or set it to 1", "temperature"
+            )
+        if request.top_p is not None and request.top_p < 0.95:
+            raise _refusal("a 'top_p' under 0.95 with 'reasoning'", "leave 'top_p' out or set it to 0.95 to 1", "top_p")
         budget = request.reasoning.budget()
         if request.max_tokens is not None and request.max_tokens <= budget:
             raise RequestError(
