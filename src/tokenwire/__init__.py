@@ -1,7 +1,7 @@
 """tokenwire: stream LLM tokens to the browser as SSE over fetch, with cancellation that reaches the model."""
 
 from ._app import create_app
-from ._client import Accumulator, AssistantMessage, ToolCall, accumulate, stream_tokens
+from ._client import stream_tokens
 from ._config import Settings
 from ._events import (
     Done,
@@ -32,6 +32,7 @@ from ._exceptions import (
     TokenwireError,
     TokenwireHTTPError,
 )
+from ._message import Accumulator, AssistantMessage, ToolCall, accumulate
 from ._relay import Relay, RelayOptions
 from ._response import EventStreamResponse
 from ._sse import ServerSentEvent, SSEDecoder

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -17,18 +19,31 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import _openai_api as openai_api
 from ._auth import KeyRing
 from ._config import Settings
 from ._exceptions import AdmissionRefused, IdempotencyConflict, RequestError
 from ._relay import Relay, Slot, fingerprint_of
-from ._response import SERVER_SEND, EventStreamResponse, error_response, not_found, store_unavailable
+from ._message import accumulate
+from ._response import (
+    SERVER_SEND,
+    EventStreamResponse,
+    WholeAnswerResponse,
+    error_response,
+    not_found,
+    store_unavailable,
+)
 from ._validation import invalid, parse_stream_request
 from .providers.base import Provider
-from .stores.base import StoreUnavailable, StreamStore
+from .stores.base import StoreUnavailable, StreamMeta, StreamStore
 
 logger = logging.getLogger("tokenwire")
 
+T = TypeVar("T")
+
 MAX_IDEMPOTENCY_KEY = 255
+# The status of a whole answer (OpenAI's stream: false) whose stream ended with an error.
+ANSWER_ERROR_STATUS = {"upstream_error": 502, "upstream_timeout": 504, "replica_lost": 503, "store_unavailable": 503}
 HEALTH_CHECK_TIMEOUT = 1.0  # seconds /healthz waits for the store before calling it down
 
 
@@ -118,6 +133,7 @@ class _Routes:
         self.relay = relay
         self.settings = settings
         self.keys = KeyRing.from_file(settings.auth_keys_file) if settings.auth_keys_file else None
+        self.started = int(time.time())  # the models' "created"
         self.index_html = _static("index.html")
         self.client_js = _static("tokenwire.js")
 
@@ -130,6 +146,8 @@ class _Routes:
             Route("/api/stream", self.post_stream, methods=["POST"]),
             Route("/api/stream/{stream_id}", self.get_stream, methods=["GET"]),
             Route("/api/stream/{stream_id}", self.delete_stream, methods=["DELETE"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/models", self.list_models, methods=["GET"]),
         ]
 
     async def refuse(self, request: Request, exc: Exception) -> Response:
@@ -169,13 +187,26 @@ class _Routes:
             ) from None
 
     async def post_stream(self, request: Request) -> Response:
+        meta, _ = await self.start(request)
+        return EventStreamResponse(self.relay, meta)
+
+    async def start(
+        self, request: Request, translate: Callable[[Any], tuple[Any, T]] | None = None
+    ) -> tuple[StreamMeta, T | None]:
+        """Start the stream a POST asks for; ``translate`` turns another API's body into /api/stream's.
+
+        Returns the stream and what ``translate`` said besides the body.
+        """
         relay = self.relay
         principal = self.principal_of(request)
         # Before the body: a request counts toward the caps while its body arrives, and
         # concurrent requests cannot all pass the check before any of them reserves.
         slot = await self.admit(principal)
+        extra = None
         try:
             body = await read_json_body(request, self.settings.max_body)
+            if translate is not None:
+                body, extra = translate(body)
             parsed = parse_stream_request(body)
             model = parsed.generation.model
             if model and not relay.provider.supports_model(model):
@@ -204,7 +235,31 @@ class _Routes:
                 "this Idempotency-Key was used with a different request body; use a new key",
                 "Idempotency-Key",
             ) from None
-        return EventStreamResponse(relay, meta)
+        return meta, extra
+
+    async def chat_completions(self, request: Request) -> Response:
+        """OpenAI's ``POST /v1/chat/completions``: streamed as chunks, or answered whole."""
+        meta, options = await self.start(request, _openai_request)
+        assert options is not None
+        stream, include_usage = options
+        if stream:
+            wire = openai_api.ChunkFormat(meta.stream_id, meta.model, include_usage)
+            return EventStreamResponse(self.relay, meta, wire=wire)
+        created = int(time.time())
+
+        def render(events: list[dict[str, Any]]) -> tuple[int, Any]:
+            end = events[-1]
+            if end["type"] == "error":
+                error = end["error"]
+                return ANSWER_ERROR_STATUS.get(error["type"], 500), {"error": error}
+            return 200, openai_api.completion(meta.stream_id, meta.model, created, accumulate(events), end)
+
+        return WholeAnswerResponse(self.relay, meta, render)
+
+    async def list_models(self, request: Request) -> Response:
+        self.principal_of(request)
+        provider = self.relay.provider
+        return JSONResponse(openai_api.models(provider.model_names() or [provider.default_model], self.started))
 
     async def get_stream(self, request: Request) -> Response:
         principal = self.principal_of(request)
@@ -267,6 +322,11 @@ class _App(Starlette):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         scope[SERVER_SEND] = send
         await super().__call__(scope, receive, send)
+
+
+def _openai_request(body: Any) -> tuple[Any, tuple[bool, bool]]:
+    body, stream, include_usage = openai_api.translate(body)
+    return body, (stream, include_usage)
 
 
 _HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed"}

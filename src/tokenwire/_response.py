@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import types
-from collections.abc import Awaitable, Generator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.background import BackgroundTask
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from ._events import Error, encode_event
 from ._exceptions import RequestError
@@ -68,6 +69,20 @@ class ClientGone(Exception):
     """The client disconnected, or stopped reading for longer than the send timeout."""
 
 
+class WireFormat(Protocol):
+    """How a response writes a stream for another API's clients (the default is tokenwire's own events).
+
+    ``encode`` takes one or more of the log's events, as their SSE bytes, and
+    returns what goes on the wire in their place (possibly nothing); it may keep
+    state, as a response has its own.  The stream opens with ``opening``; the
+    response's heartbeats are SSE comments, which every SSE parser skips.
+    """
+
+    opening: bytes
+
+    def encode(self, data: bytes) -> bytes: ...
+
+
 class EventStreamResponse(Response):
     """The response that streams one tokenwire stream from ``after`` onwards.
 
@@ -88,8 +103,12 @@ class EventStreamResponse(Response):
         after: int = 0,
         headers: Mapping[str, str] | None = None,
         background: BackgroundTask | None = None,
+        wire: WireFormat | None = None,
     ) -> None:
         self.relay = relay
+        # None for tokenwire's own events: the log's bytes go out as they are, at no cost.
+        self.encode = wire.encode if wire is not None else None
+        self.opening = wire.opening if wire is not None else OPENING
         self.meta = meta
         self.after = after
         self.status_code = 200
@@ -128,8 +147,9 @@ class EventStreamResponse(Response):
             start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
             await self._send(send, start)
             # The first body bytes flush the headers through any proxy at once.
-            await self._send(send, _body(OPENING))
-            self.preamble = encode_retry(relay.options.retry_ms)
+            await self._send(send, _body(self.opening))
+            # Reconnecting is tokenwire's own protocol; another API's clients do not resume.
+            self.preamble = encode_retry(relay.options.retry_ms) if self.encode is None else b""
             # The body skips the middleware, which only looks at the response start.
             # Following the log means running the server's send inside the generation's task: only
             # with the server's own send (tokenwire's app), never a middleware's.
@@ -271,6 +291,10 @@ class EventStreamResponse(Response):
         return None, last_write
 
     async def _send_events(self, send: Send, data: bytes) -> None:
+        if self.encode is not None:
+            data = self.encode(data)
+            if not data:
+                return
         if self.preamble:
             data, self.preamble = self.preamble + data, b""
         await self._send(send, _body(data))
@@ -312,6 +336,72 @@ class EventStreamResponse(Response):
         self.writer.cancel("client stopped reading")
 
 
+class WholeAnswerResponse(Response):
+    """A stream answered in one piece once it has ended (OpenAI's ``stream: false``).
+
+    The generation runs as any other; this reads its log to the terminal event,
+    watching the client meanwhile: a client that leaves first stops the
+    generation, as on an event stream.  ``render`` turns the stream's events
+    (JSON objects, the terminal one last) into the status and JSON body to answer.
+    """
+
+    media_type = "application/json"
+
+    def __init__(
+        self, relay: Relay, meta: StreamMeta, render: Callable[[list[dict[str, Any]]], tuple[int, Any]]
+    ) -> None:
+        self.relay = relay
+        self.meta = meta
+        self.render = render
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay = self.relay
+        stream_id = self.meta.stream_id
+        relay.attach(stream_id)
+        detached = False
+        try:
+            reader = asyncio.create_task(self._read_all(), name="whole answer reader")
+            watcher = asyncio.create_task(_wait_for_disconnect(receive), name="disconnect watcher")
+            try:
+                await asyncio.wait((reader, watcher), return_when=asyncio.FIRST_COMPLETED)
+                if not reader.done():  # the client left: stop the generation now
+                    detached = True
+                    relay.detach(stream_id, client_gone=True)
+            finally:
+                await _stop(relay, reader, watcher)
+            if not _finished(reader):
+                exc = None if reader.cancelled() else reader.exception()
+                if not isinstance(exc, (LogTrimmed, StreamNotFound, CursorAhead, StoreUnavailable)):
+                    if exc is not None:
+                        raise exc
+                    return  # the client left
+                error = reader_error(exc)
+                status, body = error.status, error.to_dict()
+            else:
+                status, body = self.render(reader.result())
+                detached = True
+                relay.detach(stream_id, client_gone=False)
+            await JSONResponse(body, status, headers={"x-stream-id": stream_id})(scope, receive, send)
+        finally:
+            if not detached:
+                relay.detach(stream_id, client_gone=True)
+
+    async def _read_all(self) -> list[dict[str, Any]]:
+        store = self.relay.store
+        events: list[dict[str, Any]] = []
+        after = 0
+        while True:
+            result = await store.read(self.meta.stream_id, after, timeout=self.relay.options.heartbeat)
+            for entry in result.entries:
+                events.append(json.loads(entry[entry.index(b"data: ") + 6 :]))
+            after = result.next_seq
+            if result.ended:
+                return events
+
+
 class _Follower:
     """Writes each event to the client from inside the generation's ``append``.
 
@@ -346,6 +436,13 @@ class _Follower:
 
     def __call__(self, data: bytes, terminal: bool) -> bool:
         self.next_seq += 1
+        encode = self.response.encode
+        if encode is not None:
+            data = encode(data)
+            if not data:  # nothing of this event goes to this API's clients
+                if terminal:
+                    self._wake()
+                return not terminal
         try:
             steps = self.send({"type": "http.response.body", "body": data, "more_body": True}).__await__()
             waiting_on = steps.send(None)
