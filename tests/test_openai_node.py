@@ -1,0 +1,154 @@
+"""``/v1/chat/completions`` through the official ``openai`` npm package, in node.
+
+The JavaScript SDK parses SSE and assembles tool calls with code of its own, apart from the
+Python SDK's (tests/test_openai_api.py), so it is tested the same way: tokenwire in a real
+uvicorn in front of the fake OpenAI upstream, and ``tests/js_sdk/openai_sdk.mjs`` run once per
+case, printing what the SDK made of the answer as a JSON line.
+
+node and ``bench/node_modules/openai`` (``npm ci --prefix bench``, which ``make test`` runs) are
+needed: without them the tests skip, and in CI they fail.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fakes import FakeOpenAIUpstream, active_streams, serve_app, wait_until
+from tokenwire import Settings, create_app
+from tokenwire.providers.openai import OpenAIProvider
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "js_sdk" / "openai_sdk.mjs"
+SDK = ROOT / "bench" / "node_modules" / "openai"
+RECORDINGS = ROOT / "tests" / "fixtures" / "openai"
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}},
+]  # fmt: skip
+TIMEOUT = 20.0  # seconds one node run may take on a loaded machine
+CLOSE_BOUND = 1.0
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _node_sdk() -> None:
+    missing = None
+    if shutil.which("node") is None:
+        missing = "node is needed: apt-get install nodejs"
+    elif not (SDK / "package.json").is_file():
+        missing = "no openai npm package: run `npm ci --prefix bench`"
+    if missing and _in_ci():
+        pytest.fail(f"{missing} (CI must run the node SDK tests)", pytrace=False)
+    if missing:
+        pytest.skip(missing)
+
+
+@pytest.fixture(scope="module")
+def shared_upstream() -> Iterator[FakeOpenAIUpstream]:
+    with FakeOpenAIUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def base_url(shared_upstream: FakeOpenAIUpstream) -> Iterator[str]:
+    provider = OpenAIProvider(shared_upstream.url + "/v1", model="served-model")
+    with serve_app(create_app(Settings(), provider=provider)) as url:
+        yield url
+
+
+@pytest.fixture
+def upstream(shared_upstream: FakeOpenAIUpstream) -> FakeOpenAIUpstream:
+    return shared_upstream.reset()
+
+
+def node_command(base_url: str, case: str) -> list[str]:
+    return ["node", str(SCRIPT), base_url + "/v1", case]
+
+
+def run_sdk(base_url: str, case: str) -> dict[str, Any]:
+    """Run one case of the script to its end; its last stdout line, parsed."""
+    done = subprocess.run(node_command(base_url, case), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, f"node exited with {done.returncode}:\n{done.stderr}"
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_streamed_text_with_usage(upstream: FakeOpenAIUpstream, base_url: str) -> None:
+    upstream.configure(tokens=["Hello", ",", " world", "!"])
+    chunks = run_sdk(base_url, "text")["chunks"]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "Hello, world!"
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and (usage["prompt_tokens"], usage["completion_tokens"]) == (11, 4)
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+
+
+def test_streamed_tool_calls_are_assembled_by_the_sdk(upstream: FakeOpenAIUpstream, base_url: str) -> None:
+    upstream.configure(recording=[(RECORDINGS / "parallel_tool_calls.sse").read_bytes()])
+    choice = run_sdk(base_url, "tools")["completion"]["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] == "Checking both."
+    tool_calls = choice["message"]["tool_calls"]
+    calls = [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in tool_calls]
+    assert calls == [
+        ("call_Wz1mX8", "get_weather", '{"city":"Zürich 😀","unit":"c"}'),
+        ("call_Q7pL2v", "get_time", '{"tz":"Europe/Z\\u00fcrich"}'),
+    ]
+    assert upstream.wait_request().body["tools"] == TOOLS
+
+
+def test_a_whole_answer_without_streaming(upstream: FakeOpenAIUpstream, base_url: str) -> None:
+    upstream.configure(recording=[(RECORDINGS / "llamacpp_tool_call.sse").read_bytes()])
+    answer = run_sdk(base_url, "whole")["completion"]
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert (call["function"]["name"], call["function"]["arguments"]) == ("get_weather", '{"city":"Zürich"}')
+    assert (answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"]) == (143, 19)
+    sent = upstream.wait_request().body
+    assert sent["max_tokens"] == 50 and sent["reasoning_effort"] == "low"
+
+
+def test_aborting_a_stream_closes_the_upstream(upstream: FakeOpenAIUpstream, base_url: str) -> None:
+    upstream.configure(tokens=[f"t{i} " for i in range(1000)], interval=0.01)
+    # The script stays alive after its abort until its stdin closes: its process exiting would
+    # close its sockets too, and hide an abort that left the request open.
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    node = subprocess.Popen(node_command(base_url, "abort"), text=True, **pipes)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            line = pool.submit(node.stdout.readline).result(timeout=TIMEOUT)  # type: ignore[union-attr]
+        if not line:
+            node.wait(timeout=TIMEOUT)
+            pytest.fail(f"node printed nothing:\n{node.stderr.read()}")  # type: ignore[union-attr]
+        assert json.loads(line) == {"content": "t0 ", "error": None, "aborted": True}
+        assert upstream.wait_closed(timeout=CLOSE_BOUND) is not None, "the upstream kept generating"
+        assert node.poll() is None, "node exited before the upstream was checked"
+        assert wait_until(lambda: active_streams(base_url) == 0)
+    finally:
+        node.stdin.close()  # type: ignore[union-attr]
+        try:
+            node.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
+        node.stdout.close()  # type: ignore[union-attr]
+        node.stderr.close()  # type: ignore[union-attr]
+
+
+def test_errors_are_the_sdks_own(base_url: str) -> None:
+    refused = run_sdk(base_url, "errors")
+    assert (refused["name"], refused["isBadRequest"], refused["status"]) == ("BadRequestError", True, 400)
+    assert "'n' must be 1" in refused["message"]
