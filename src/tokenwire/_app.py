@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import _ai_sdk as ai_sdk
 from . import _openai_api as openai_api
 from ._auth import KeyRing
 from ._config import Settings
@@ -42,6 +43,7 @@ logger = logging.getLogger("tokenwire")
 T = TypeVar("T")
 
 MAX_IDEMPOTENCY_KEY = 255
+AI_SDK_HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
 # The status of a whole answer (OpenAI's stream: false) whose stream ended with an error.
 ANSWER_ERROR_STATUS = {"upstream_error": 502, "upstream_timeout": 504, "replica_lost": 503, "store_unavailable": 503}
 HEALTH_CHECK_TIMEOUT = 1.0  # seconds /healthz waits for the store before calling it down
@@ -146,6 +148,8 @@ class _Routes:
             Route("/api/stream", self.post_stream, methods=["POST"]),
             Route("/api/stream/{stream_id}", self.get_stream, methods=["GET"]),
             Route("/api/stream/{stream_id}", self.delete_stream, methods=["DELETE"]),
+            Route("/api/chat", self.post_chat, methods=["POST"]),
+            Route("/api/chat/{chat_id}/stream", self.get_chat_stream, methods=["GET"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.list_models, methods=["GET"]),
         ]
@@ -236,6 +240,32 @@ class _Routes:
                 "Idempotency-Key",
             ) from None
         return meta, extra
+
+    async def post_chat(self, request: Request) -> Response:
+        """The AI SDK's ``useChat``: its request, and the stream as UI message chunks."""
+        meta, chat_id = await self.start(request, ai_sdk.translate)
+        assert chat_id is not None
+        if meta.resumable:
+            await self.relay.bind_chat(meta.principal, chat_id, meta.stream_id)
+        return self._chat_response(meta)
+
+    async def get_chat_stream(self, request: Request) -> Response:
+        """``useChat({resume: true})`` on mount: the chat's running stream from its start, or 204."""
+        principal = self.principal_of(request)
+        meta = await self.relay.chat_stream(principal, request.path_params["chat_id"])
+        if meta is None:
+            return Response(status_code=204)
+        try:
+            if (await self.relay.store.read(meta.stream_id, 0, timeout=0)).ended:
+                return Response(status_code=204)  # finished: the chat has it whole already
+        except LookupError:
+            pass  # expired or trimmed meanwhile: the response says which, in JSON
+        return self._chat_response(meta)
+
+    def _chat_response(self, meta: StreamMeta) -> Response:
+        # The message id follows from the stream's, so that a resumed stream names the same message.
+        wire = ai_sdk.UIMessageFormat("msg_" + meta.stream_id.removeprefix("str_"))
+        return EventStreamResponse(self.relay, meta, headers=AI_SDK_HEADERS, wire=wire)
 
     async def chat_completions(self, request: Request) -> Response:
         """OpenAI's ``POST /v1/chat/completions``: streamed as chunks, or answered whole."""

@@ -355,6 +355,15 @@ class Relay:
             return None
         return meta
 
+    async def bind_chat(self, principal: str, chat_id: str, stream_id: str) -> None:
+        """Make ``stream_id`` the stream a reader of chat ``chat_id`` resumes (the AI SDK's ``resume``)."""
+        await self.store.bind_chat(f"{principal}\x00{chat_id}", stream_id)
+
+    async def chat_stream(self, principal: str, chat_id: str) -> StreamMeta | None:
+        """The last stream bound to ``principal``'s chat ``chat_id``, while the store keeps it."""
+        stream_id = await self.store.chat_stream(f"{principal}\x00{chat_id}")
+        return await self.get(stream_id, principal) if stream_id is not None else None
+
     async def cancel(self, stream_id: str) -> None:
         """Cancel wherever the generation runs: here at once, elsewhere via the store."""
         if not self._cancel_local(stream_id, "cancelled by request"):

@@ -144,6 +144,14 @@ class StreamStore(abc.ABC):
         fingerprint)`` already bound.
         """
 
+    async def bind_chat(self, scope: str, stream_id: str) -> None:
+        """Make ``stream_id`` the stream of chat ``scope`` (the AI SDK's resume), in place of any earlier one."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resume chats")
+
+    async def chat_stream(self, scope: str) -> str | None:
+        """The stream last bound to chat ``scope``, if it is still kept."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resume chats")
+
     @abc.abstractmethod
     async def publish_cancel(self, stream_id: str) -> None:
         """Ask whichever replica runs ``stream_id`` to cancel it."""

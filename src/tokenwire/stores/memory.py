@@ -58,6 +58,8 @@ class MemoryStore(StreamStore):
         self._logs: dict[str, _Log] = {}
         self._keys: dict[str, tuple[str, str]] = {}
         self._key_of_stream: dict[str, str] = {}
+        self._chats: dict[str, str] = {}  # chat scope -> its stream, while that stream is kept
+        self._chat_of_stream: dict[str, str] = {}
         self._cancel_callbacks: list[CancelCallback] = []
         self._readers: dict[str, dict[str, float]] = {}
 
@@ -195,6 +197,13 @@ class MemoryStore(StreamStore):
         self._key_of_stream[stream_id] = scope
         return None
 
+    async def bind_chat(self, scope: str, stream_id: str) -> None:
+        self._chats[scope] = stream_id
+        self._chat_of_stream[stream_id] = scope
+
+    async def chat_stream(self, scope: str) -> str | None:
+        return self._chats.get(scope)
+
     async def publish_cancel(self, stream_id: str) -> None:
         for callback in list(self._cancel_callbacks):
             result = callback(stream_id)
@@ -249,6 +258,9 @@ class MemoryStore(StreamStore):
         scope = self._key_of_stream.pop(stream_id, None)
         if scope is not None:
             self._keys.pop(scope, None)
+        chat = self._chat_of_stream.pop(stream_id, None)
+        if chat is not None and self._chats.get(chat) == stream_id:  # not a later stream of the chat
+            del self._chats[chat]
 
     def reap(self) -> None:
         """Drop every log whose time has passed, now, without waiting for its timer."""

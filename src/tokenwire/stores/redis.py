@@ -840,6 +840,18 @@ class RedisStore(StreamStore):
         self._idempotency_keys[stream_id] = key
         return None
 
+    async def bind_chat(self, scope: str, stream_id: str) -> None:
+        # As long as a stream's keys can live: a chat whose stream expired has nothing to resume.
+        await self._call(self._redis.set(self._chat_key(scope), stream_id, px=_ms(self.running_ttl)))
+
+    async def chat_stream(self, scope: str) -> str | None:
+        value = await self._call(self._redis.get(self._chat_key(scope)))
+        return value.decode() if value is not None else None
+
+    def _chat_key(self, scope: str) -> str:
+        # The scope holds the principal: keep it out of key names, as the idempotency keys do.
+        return f"{self.prefix}chat:{hashlib.sha256(scope.encode()).hexdigest()}"
+
     # -- stream caps ---------------------------------------------------------
 
     counts_slots = True
