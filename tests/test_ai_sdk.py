@@ -44,7 +44,7 @@ def test_ui_messages_become_openai_messages_step_by_step() -> None:
             {"type": "tool-get_weather", "toolCallId": "call_a", "state": "output-available",
              "input": {"city": "Zürich"}, "output": {"temp_c": 4}},
             {"type": "dynamic-tool", "toolName": "lookup", "toolCallId": "call_b", "state": "output-error",
-             "input": {}, "errorText": "no such page"},
+             "rawInput": '{"page": ', "errorText": "no such page"},
             {"type": "tool-get_time", "toolCallId": "call_c", "state": "input-available", "input": {}},
             {"type": "step-start"},
             {"type": "text", "text": "It is 4 °C."},
@@ -64,7 +64,7 @@ def test_ui_messages_become_openai_messages_step_by_step() -> None:
         {"role": "assistant", "content": "Checking.",
          "tool_calls": [
              {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Zürich"}'}},
-             {"id": "call_b", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}],
+             {"id": "call_b", "type": "function", "function": {"name": "lookup", "arguments": '{"page": '}}],
          "reasoning": [{"type": "reasoning", "text": "Think.", "signature": "sig"}]},
         {"role": "tool", "tool_call_id": "call_a", "content": '{"temp_c": 4}'},
         {"role": "tool", "tool_call_id": "call_b", "content": "no such page"},

@@ -112,10 +112,11 @@ def _step(parts: list[dict[str, Any]], param: str) -> list[dict[str, Any]]:
                 continue  # a call without its result cannot be sent back (as ignoreIncompleteToolCalls)
             name = part.get("toolName") if kind == "dynamic-tool" else kind[len("tool-") :]
             call_id = part.get("toolCallId")
-            calls.append({
-                "id": call_id, "type": "function",
-                "function": {"name": name, "arguments": json.dumps(part.get("input", {}), ensure_ascii=False)},
-            })  # fmt: skip
+            if part.get("input") is None and isinstance(part.get("rawInput"), str):
+                arguments = part["rawInput"]  # a call whose arguments were not JSON: as the model wrote them
+            else:
+                arguments = json.dumps(part.get("input", {}), ensure_ascii=False)
+            calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
             output = part.get("errorText") if state == "output-error" else part.get("output")
             results.append({
                 "role": "tool", "tool_call_id": call_id,

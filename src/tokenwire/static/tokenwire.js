@@ -861,3 +861,54 @@ function parseArguments(call) {
   }
   call.input = value;
 }
+
+/**
+ * The AI SDK's `DefaultChatTransport`, with a Stop that stops the model even on a resumable chat.
+ *
+ * `useChat`'s `stop()` aborts the fetch. On a chat sent with `resumable: true` the server keeps
+ * generating after that (it cannot tell a Stop from a dropped connection, which resume is for), so
+ * this transport also sends `DELETE /api/stream/{id}` for the stream the aborted request was
+ * reading (the `X-Stream-Id` of its answer, on the POST and on a resume alike), with the request's
+ * own headers. Pass the `ai` package's class, which your bundler provides; tokenwire.js itself
+ * imports nothing:
+ *
+ *   import { DefaultChatTransport } from "ai";
+ *   import { tokenwireChatTransport } from "./tokenwire.js";
+ *   const TokenwireChatTransport = tokenwireChatTransport(DefaultChatTransport);
+ *   useChat({ transport: new TokenwireChatTransport({ api: "/api/chat", body: { resumable: true } }), resume: true });
+ *
+ * `streamsUrl` (default: `api` with its last `/chat` replaced by `/stream`) is where the DELETE goes.
+ *
+ * @template {new (options?: any) => any} T
+ * @param {T} DefaultChatTransport  the `ai` package's class
+ * @returns {T}
+ */
+export function tokenwireChatTransport(DefaultChatTransport) {
+  return class TokenwireChatTransport extends DefaultChatTransport {
+    /** @param {Record<string, any>} [options]  DefaultChatTransport's options, plus `streamsUrl` */
+    constructor(options = {}) {
+      const api = options.api ?? "/api/chat";
+      const streamsUrl = options.streamsUrl ?? api.replace(/\/chat(?=[^/]*$)/, "/stream");
+      const innerFetch = options.fetch ?? defaultFetch;
+      /** @type {typeof fetch} */
+      const stoppingFetch = async (input, init = {}) => {
+        const response = await innerFetch(input, init);
+        const streamId = response.headers.get("x-stream-id");
+        const signal = init.signal;
+        if (streamId && signal && !signal.aborted) {
+          const cancel = () => {
+            innerFetch(`${streamsUrl}/${encodeURIComponent(streamId)}`, {
+              method: "DELETE",
+              headers: init.headers,
+              credentials: init.credentials,
+            }).catch(() => {}); // the server ends an abandoned stream after its grace period anyway
+          };
+          signal.addEventListener("abort", cancel, { once: true });
+        }
+        return response;
+      };
+      const { streamsUrl: _unused, ...rest } = options;
+      super({ ...rest, api, fetch: stoppingFetch });
+    }
+  };
+}
