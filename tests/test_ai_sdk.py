@@ -226,3 +226,15 @@ def test_a_chat_that_is_not_resumable_has_nothing_to_resume(upstream: FakeOpenAI
             read_chunks_until(response, 4)
         assert client.get(url + "/api/chat/chat-n/stream").status_code == 204
         assert upstream.wait_closed(timeout=1.0) is not None  # and leaving stopped it
+
+
+def test_the_server_flag_makes_every_chat_resumable(upstream: FakeOpenAIUpstream) -> None:
+    upstream.configure(tokens=TOKENS, interval=0.005)
+    with serve_chats(upstream, MemoryStore(), resumable_chats=True) as url, httpx.Client(timeout=10) as client:
+        body = chat_body("chat-f")
+        del body["resumable"]
+        with client.stream("POST", url + "/api/chat", json=body) as response:
+            read_chunks_until(response, 4)
+        with client.stream("GET", url + "/api/chat/chat-f/stream") as response:
+            assert response.status_code == 200
+            assert text_of(chunks(response.read())) == "".join(TOKENS)

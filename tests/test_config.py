@@ -26,7 +26,7 @@ FIELDS = dataclasses.fields(Settings)
 DEFAULTS = {
     "host": "127.0.0.1", "port": 8000, "provider": "local", "model_path": "", "base_url": "", "model": "",
     "api_key_env": "", "heartbeat": 15.0, "max_duration": 600.0, "send_timeout": 30.0, "resume_grace": 30.0,
-    "retry_ms": 1000, "first_token_timeout": 120.0, "idle_timeout": 60.0, "connect_timeout": 10.0,
+    "resumable_chats": False, "retry_ms": 1000, "first_token_timeout": 120.0, "idle_timeout": 60.0, "connect_timeout": 10.0,
     "max_body": 1048576, "auth_keys_file": "", "max_streams": 512, "max_streams_per_key": 32,
     "head_timeout": 10.0, "body_timeout": 30.0, "max_header_bytes": 65536, "max_connections": 2048,
     "cors_origins": "", "config": "", "store": "memory", "log_level": "info",
@@ -54,7 +54,22 @@ def other_value(f: dataclasses.Field[Any]) -> str:
     return str(f.default * 2)
 
 
-@pytest.mark.parametrize("f", FIELDS, ids=[f.name for f in FIELDS])
+SWITCHES = [f for f in FIELDS if type(f.default) is bool]
+
+
+@pytest.mark.parametrize("f", SWITCHES, ids=[f.name for f in SWITCHES])
+def test_every_true_or_false_setting_is_a_switch_and_a_variable(f: dataclasses.Field[Any]) -> None:
+    flag = flag_name(f.name)
+    assert getattr(build_parser().parse_args(["serve", flag]), f.name) is True
+    assert getattr(build_parser().parse_args(["serve", "--no-" + flag[2:]]), f.name) is False
+    assert getattr(build_parser().parse_args(["serve"]), f.name) is None
+    for raw, value in [("1", True), ("yes", True), ("On", True), ("0", False), ("false", False), ("off", False)]:
+        assert getattr(Settings.from_env({env_name(f.name): raw}), f.name) is value
+    with pytest.raises(ConfigError, match="must be true or false"):
+        Settings.from_env({env_name(f.name): "maybe"})
+
+
+@pytest.mark.parametrize("f", [f for f in FIELDS if f not in SWITCHES], ids=[f.name for f in FIELDS if f not in SWITCHES])
 def test_every_setting_is_a_flag_and_a_variable(f: dataclasses.Field[Any]) -> None:
     raw = other_value(f)
     value = type(f.default)(raw)
@@ -84,7 +99,10 @@ def test_the_help_shows_each_fields_default(capsys: pytest.CaptureFixture[str]) 
                           ("--store", "memory"), ("--model-path", "bundled SmolLM2-135M")]:  # fmt: skip
         assert re.search(f"{flag} [A-Z_]+ [^-]*default: {default}", text), flag
     for f in FIELDS:
-        assert f"{flag_name(f.name)} {f.name.upper()} {setting_info(f).help}" in text
+        if f in SWITCHES:
+            assert f"{flag_name(f.name)}, --no-{flag_name(f.name)[2:]} {setting_info(f).help}" in text
+        else:
+            assert f"{flag_name(f.name)} {f.name.upper()} {setting_info(f).help}" in text
 
 
 @pytest.mark.parametrize(

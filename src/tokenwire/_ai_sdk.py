@@ -32,8 +32,8 @@ FINISH_REASONS = {
 }  # fmt: skip
 
 
-def translate(body: Any) -> tuple[dict[str, Any], str]:
-    """``useChat``'s request -> (``/api/stream``'s body, the chat's id)."""
+def translate(body: Any, *, resumable: bool = False) -> tuple[dict[str, Any], str]:
+    """``useChat``'s request -> (``/api/stream``'s body, the chat's id); ``resumable``: the default."""
     if not isinstance(body, dict):
         raise invalid('the body must be a JSON object: {"id", "messages", "trigger"}, as useChat sends it')
     chat_id = body.get("id")
@@ -49,6 +49,8 @@ def translate(body: Any) -> tuple[dict[str, Any], str]:
     if not isinstance(messages, list) or not messages:
         raise invalid("'messages' must be a non-empty list of UI messages ({id, role, parts})", "messages")
     out = {name: value for name, value in body.items() if name not in CHAT_FIELDS}
+    if resumable and out.get("resumable") is None:
+        out["resumable"] = True
     out["messages"] = [m for i, message in enumerate(messages) for m in _messages(message, f"messages[{i}]")]
     return out, chat_id
 

@@ -243,7 +243,8 @@ class _Routes:
 
     async def post_chat(self, request: Request) -> Response:
         """The AI SDK's ``useChat``: its request, and the stream as UI message chunks."""
-        meta, chat_id = await self.start(request, ai_sdk.translate)
+        resumable = self.settings.resumable_chats
+        meta, chat_id = await self.start(request, lambda body: ai_sdk.translate(body, resumable=resumable))
         assert chat_id is not None
         if meta.resumable:
             await self.relay.bind_chat(meta.principal, chat_id, meta.stream_id)

@@ -57,6 +57,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         if info.choices is not None:
             words.append("one of %(choices)s")  # expanded (plugins read) only when the help is shown
         default = shown_default(f)
+        if type(f.default) is bool:
+            # --flag / --no-flag; None, so that TOKENWIRE_* variables and the field's default apply.
+            parser.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, default=None, help=words[0])
+            continue
         if default:
             words.append(f"default: {default}".replace("%", "%%"))
         parser.add_argument(

@@ -101,6 +101,12 @@ class Settings:
         unit="s",
         at_least=0,
     )
+    resumable_chats: bool = setting(
+        False,
+        "make every /api/chat stream resumable",
+        doc="make every `/api/chat` stream resumable, as if its body had `\"resumable\": true` "
+        "(for `useChat({resume: true})` apps that cannot add it)",
+    )
     retry_ms: int = setting(
         1000,
         "reconnection delay sent to clients as 'retry:'",
@@ -294,6 +300,8 @@ def shown_default(f: dataclasses.Field[Any], *, markdown: bool = False) -> str:
         return info.shown if markdown else info.shown.replace("`", "")
     if f.default == "":
         return "—" if markdown else ""
+    if type(f.default) is bool:
+        return "on" if f.default else "off"
     value = str(f.default).removesuffix(".0")  # 15.0 -> 15, as it would be typed
     text = f"`{value}`" if markdown else value
     return f"{text} {info.unit}" if info.unit else text
@@ -327,8 +335,17 @@ def _check(f: dataclasses.Field[Any], value: Any) -> None:
         raise ConfigError(f"{flag} must be at least {info.at_least} {info.unit}".rstrip() + hint)
 
 
+#: What a TOKENWIRE_* variable of a true/false setting may say.
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _coerce(f: dataclasses.Field[Any], raw: str) -> object:
     kind = type(f.default)
+    if kind is bool:
+        value = _BOOLEANS.get(raw.strip().lower())
+        if value is None:
+            raise ConfigError(f"{env_name(f.name)}={raw!r} must be true or false (1/0, yes/no, on/off)")
+        return value
     try:
         if kind is int:
             return int(raw)
