@@ -29,8 +29,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = (
-    "latency", "ceiling", "cancel", "memory", "profile", "upstream_client", "baseline", "local", "parsers", "soak",
-    "faults", "abuse",
+    "latency", "ceiling", "cancel", "memory", "profile", "upstream_client", "encodings", "baseline", "local",
+    "parsers", "soak", "faults", "abuse",
 )  # fmt: skip
 
 
@@ -166,6 +166,12 @@ async def run(
 
             with Section(results, "upstream_client"):
                 results["upstream_client"] = await upstream_client.bench(upstream, plan, log_dir, server_cpus, log)
+            save()
+        if "encodings" in sections:
+            from . import encodings
+
+            with Section(results, "encodings"):
+                results["encodings"] = await encodings.bench(upstream, plan, log_dir, server_cpus, log)
             save()
     finally:
         await upstream.aclose()

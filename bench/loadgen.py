@@ -36,11 +36,15 @@ class Target:
     name: str
     port: int
     path: str = "/api/stream"
-    openai: bool = False  # speak the upstream's own protocol (the loopback floor)
+    openai: bool = False  # speak OpenAI's chat completions (the upstream itself: the loopback floor)
+    ai_sdk: bool = False  # speak the AI SDK's useChat (/api/chat)
 
     def request(self, prompt: str) -> bytes:
+        # Every wire format carries the upstream's token texts, and so their timestamps, as they are.
         if self.openai:
-            payload = {"model": "fake", "messages": [{"role": "user", "content": prompt}], "stream": True}
+            payload: dict[str, object] = {"model": "fake", "messages": [{"role": "user", "content": prompt}], "stream": True}
+        elif self.ai_sdk:
+            payload = {"id": prompt, "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": prompt}]}]}
         else:
             payload = {"prompt": prompt}
         body = json.dumps(payload).encode()

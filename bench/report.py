@@ -619,8 +619,48 @@ def _baseline(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _encodings(r: dict[str, Any]) -> list[str]:
+    e = r.get("encodings")
+    if not e:
+        return []
+    lines = [
+        "## Other APIs' wire formats",
+        "",
+        "`bench/encodings.py`: one tokenwire server, the same plain-text streams read through `/api/stream` "
+        "(tokenwire's events, written as the log holds them), `/v1/chat/completions` (OpenAI's chunks) and "
+        "`/api/chat` (the AI SDK's UI message chunks), both written from the log's events; measured in turns in "
+        f"each of {e['repeats']} rounds with the latency method above. *CPU ×* is the route's CPU µs/token over "
+        "`/api/stream`'s.",
+        "",
+        "| streams | route | p50 ms | p99 ms | server CPU µs/token | CPU × |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for level, rows in e["levels"].items():
+        base = rows["/api/stream"]["server_us_per_token"]
+        for name, f in rows.items():
+            lines.append(
+                f"| {level} | `{name}` | {_f(f['p50_ms'])} | {_f(f['p99_ms'])} | {_f(f['server_us_per_token'], 0)} | "
+                f"{f['server_us_per_token'] / base:.2f} |"
+            )
+    return lines + [""]
+
+
+def _encoding_ratios(r: dict[str, Any]) -> dict[str, float]:
+    e = r.get("encodings") or {"levels": {}}
+    return {
+        f"{name} at {level}": f["server_us_per_token"] / rows["/api/stream"]["server_us_per_token"]
+        for level, rows in e["levels"].items()
+        for name, f in rows.items()
+        if name != "/api/stream"
+    }
+
+
 def goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     out: list[tuple[str, str, bool | None]] = []
+    ratios = _encoding_ratios(r)
+    if ratios:
+        text = ", ".join(f"{name} {ratio:.2f}×" for name, ratio in ratios.items())
+        out.append(("OpenAI and AI SDK formats ≤ 1.10× /api/stream's CPU per token", text, all(x <= 1.10 for x in ratios.values())))
     b = r.get("baseline")
     if b:
         ratios = {
@@ -723,7 +763,7 @@ def render(r: dict[str, Any]) -> str:
         "Every number below was measured in that one run on the machine described.",
         "",
     ]
-    for section in (_goals, _machine, _method, _latency, _ceiling, _cancel, _memory, _upstream_client, _baseline, _local, _parsers, _profile, _soak, _faults, _abuse):
+    for section in (_goals, _machine, _method, _latency, _ceiling, _cancel, _memory, _upstream_client, _encodings, _baseline, _local, _parsers, _profile, _soak, _faults, _abuse):
         lines += section(r)
     return "\n".join(lines).rstrip() + "\n"
 
