@@ -69,7 +69,7 @@ def test_ui_messages_become_openai_messages_step_by_step() -> None:
         {"role": "tool", "tool_call_id": "call_a", "content": '{"temp_c": 4}'},
         {"role": "tool", "tool_call_id": "call_b", "content": "no such page"},
         {"role": "assistant", "content": "It is 4 °C."},
-        {"role": "user", "content": [{"type": "text", "text": "Thanks"}]},
+        {"role": "user", "content": "Thanks"},
     ]  # fmt: skip
     # And tokenwire's own checks take it as it is.
     assert parse_stream_request(out).generation.messages[2]["tool_calls"][0]["id"] == "call_a"
@@ -238,3 +238,18 @@ def test_the_server_flag_makes_every_chat_resumable(upstream: FakeOpenAIUpstream
         with client.stream("GET", url + "/api/chat/chat-f/stream") as response:
             assert response.status_code == 200
             assert text_of(chunks(response.read())) == "".join(TOKENS)
+
+
+@pytest.mark.parametrize("text", ['Zürich 😀 "quoted" \\ back\nslash', "\u2028", "</script>"])
+def test_a_token_written_on_the_fast_path_is_the_text_it_was(text: str) -> None:
+    from tokenwire._openai_api import ChunkFormat
+
+    log = encode_event(1, Start("str_1", "m")) + encode_event(2, Token("a")) + encode_event(3, Token(text))
+    ui = chunks(UIMessageFormat("msg_1").encode(log))
+    assert [c["delta"] for c in ui if c["type"] == "text-delta"] == ["a", text]
+    # Each event on its own, as a follower writes them: the block opened by the first is used by the second.
+    wire = UIMessageFormat("msg_1")
+    one_by_one = b"".join(wire.encode(block + b"\n\n") for block in log.split(b"\n\n") if block)
+    assert chunks(one_by_one) == ui
+    openai = chunks(ChunkFormat("str_1", "m", False).encode(log))
+    assert [c["choices"][0]["delta"].get("content") for c in openai] == ["", "a", text]

@@ -225,7 +225,7 @@ def test_tool_outputs_go_back_to_the_upstream(upstream: FakeOpenAIUpstream, base
     sent = [part["state"] for part in result["sent"]["parts"] if part["type"].startswith("tool-")]
     assert sent == ["output-available", "output-available"]
     question, turn, *results = upstream.wait_request(2).body["messages"]
-    assert question == {"role": "user", "content": [{"type": "text", "text": "Weather and time?"}]}
+    assert question == {"role": "user", "content": "Weather and time?"}
     assert turn["role"] == "assistant" and turn["content"] == "Checking both."
     calls = [(c["id"], c["type"], c["function"]["name"], json.loads(c["function"]["arguments"]))
              for c in turn["tool_calls"]]

@@ -76,6 +76,9 @@ def _messages(message: Any, param: str) -> list[dict[str, Any]]:
                 content.append({"type": "text", "text": part.get("text")})
             elif part["type"] == "file" and str(part.get("mediaType", "")).startswith("image/"):
                 content.append({"type": "image_url", "image_url": {"url": part.get("url")}})
+        if all(part["type"] == "text" for part in content):
+            # Text only: a string, which every OpenAI-compatible server takes (not all take parts).
+            return [{"role": "user", "content": "".join(part["text"] for part in content)}]
         return [{"role": "user", "content": content}]
     steps: list[list[dict[str, Any]]] = [[]]
     for part in parts:
@@ -160,10 +163,23 @@ class UIMessageFormat:
         out: list[bytes] = []
         for block in data.split(b"\n\n"):
             start = block.find(b"data: ")
-            if start >= 0:
-                for chunk in self._chunks(json.loads(block[start + 6 :])):
-                    out.append(DONE if chunk is _DONE else b"data: " + _dumps(chunk) + b"\n\n")
+            if start < 0:
+                continue
+            text_delta = self._text_delta
+            if text_delta is not None and block.startswith(TOKEN_DATA, start):
+                # The hot path: a token in an open text block. Its text, already JSON, goes in as it is.
+                out.append(text_delta + block[start + len(TOKEN_DATA) : -1] + b"}\n\n")
+                continue
+            for chunk in self._chunks(json.loads(block[start + 6 :])):
+                out.append(DONE if chunk is _DONE else b"data: " + _dumps(chunk) + b"\n\n")
         return b"".join(out)
+
+    @property
+    def _text_delta(self) -> bytes | None:
+        """The bytes of a text-delta chunk up to its delta, while a text block is open."""
+        if self.block is None or self.block[0] != "text":
+            return None
+        return b'data: {"type":"text-delta","id":"%s","delta":' % self.block[1].encode()
 
     def _open(self, kind: str) -> list[dict[str, Any]]:
         """Make ``kind`` ("text", "reasoning") the open block; the chunks that takes."""
@@ -220,6 +236,8 @@ class UIMessageFormat:
         return []  # queued, and types added later
 
 
+#: How a token event's data begins in the log (tokenwire._events.encode_token_event).
+TOKEN_DATA = b'data: {"type":"token","text":'
 #: The end of the stream, after the last chunk; not JSON, so ``_DONE`` stands for it among the chunks.
 DONE = b"data: [DONE]\n\n"
 _DONE: dict[str, Any] = {}

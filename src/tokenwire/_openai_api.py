@@ -24,6 +24,9 @@ from ._events import _dumps
 from ._message import AssistantMessage
 from ._validation import invalid
 
+#: How a token event's data begins in the log (tokenwire._events.encode_token_event).
+TOKEN_DATA = b'data: {"type":"token","text":'
+CONTENT_END = b'},"logprobs":null,"finish_reason":null}]}\n\n'
 #: OpenAI's names for body fields tokenwire's own body has under another name.
 RENAMED = {"max_completion_tokens": "max_tokens"}
 #: Fields an OpenAI client may send that change nothing here.
@@ -92,12 +95,17 @@ class ChunkFormat:
         head = {"id": completion_id(stream_id), "object": "chat.completion.chunk", "created": self.created}
         self._prefix = b"data: " + _dumps(head)[:-1] + b',"model":' + _dumps(model)
         self._choice = self._prefix + b',"choices":[{"index":0,"delta":'
+        self._content = self._choice + b'{"content":'
 
     def encode(self, data: bytes) -> bytes:
         out = []
         for block in data.split(b"\n\n"):
             start = block.find(b"data: ")
             if start < 0:
+                continue
+            if block.startswith(TOKEN_DATA, start):
+                # The hot path: a token's text, already JSON, goes in as it is.
+                out.append(self._content + block[start + len(TOKEN_DATA) : -1] + CONTENT_END)
                 continue
             event = json.loads(block[start + 6 :])
             chunk = self._chunk(event)
