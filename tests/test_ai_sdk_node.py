@@ -13,18 +13,14 @@ needed: without them the tests skip, and in CI they fail.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+import node_sdk
 from fakes import EVERY_OUTPUT, FakeOpenAIUpstream, active_streams, serve_app, wait_until
 from tokenwire import (
     Finish, ScriptedProvider, Settings, Token, ToolCallDelta, ToolCallEnd, ToolCallStart, create_app,
@@ -32,11 +28,8 @@ from tokenwire import (
 from tokenwire._events import ProviderEvent
 from tokenwire.providers.openai import OpenAIProvider
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "js_sdk" / "ai_sdk.mjs"
-PACKAGES = [ROOT / "bench" / "node_modules" / name for name in ("ai", "ai-6.0.230")]
-RECORDINGS = ROOT / "tests" / "fixtures" / "openai"
-TIMEOUT = 20.0  # seconds one node run may take on a loaded machine
+SCRIPT = node_sdk.ROOT / "tests" / "js_sdk" / "ai_sdk.mjs"
+RECORDINGS = node_sdk.ROOT / "tests" / "fixtures" / "openai"
 CLOSE_BOUND = 1.0
 #: The outputs ai_sdk.mjs gives the calls of its first turn before sending it back.
 OUTPUTS = {
@@ -52,21 +45,9 @@ BAD_ARGUMENTS = [
 ]
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _node_sdk() -> None:
-    missing = None
-    if shutil.which("node") is None:
-        missing = "node is needed: apt-get install nodejs"
-    elif not all((package / "package.json").is_file() for package in PACKAGES):
-        missing = "no ai npm package: run `npm ci --prefix bench`"
-    if missing and _in_ci():
-        pytest.fail(f"{missing} (CI must run the node SDK tests)", pytrace=False)
-    if missing:
-        pytest.skip(missing)
+    node_sdk.require("ai", "ai-6.0.230")
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +77,7 @@ def node_command(base_url: str, case: str) -> list[str]:
 
 
 def run_sdk(base_url: str, case: str) -> dict[str, Any]:
-    """Run one case of the script to its end; its last stdout line, parsed."""
-    done = subprocess.run(node_command(base_url, case), capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, f"node exited with {done.returncode}:\n{done.stderr}"
-    return json.loads(done.stdout.splitlines()[-1])
+    return node_sdk.run(node_command(base_url, case))
 
 
 def accepted(result: dict[str, Any]) -> dict[str, Any]:
@@ -187,34 +165,14 @@ def test_openai_tool_calls_assemble_into_parts(upstream: FakeOpenAIUpstream, bas
 def test_stopping_closes_the_upstream(upstream: FakeOpenAIUpstream, base_url: str, case: str, stops: bool) -> None:
     """Stop stops the model, on a resumable chat too with tokenwire's transport (not with the AI SDK's own)."""
     upstream.configure(tokens=[f"t{i} " for i in range(1000)], interval=0.01)
-    # The script stays alive after its abort until its stdin closes: its process exiting would
-    # close its sockets too, and hide an abort that left the request open.
-    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-    node = subprocess.Popen(node_command(base_url, case), text=True, **pipes)
-    try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            line = pool.submit(node.stdout.readline).result(timeout=TIMEOUT)  # type: ignore[union-attr]
-        if not line:
-            node.wait(timeout=TIMEOUT)
-            pytest.fail(f"node printed nothing:\n{node.stderr.read()}")  # type: ignore[union-attr]
-        result = json.loads(line)
+    with node_sdk.held_open(node_command(base_url, case)) as (result, _node):
         assert {k: result[k] for k in ("delta", "error", "aborted")} == {"delta": "t0 ", "error": "AbortError", "aborted": True}
         if stops:
             assert upstream.wait_closed(timeout=CLOSE_BOUND) is not None, "the upstream kept generating"
         else:  # resumable: the server keeps it for a reader's return
             assert upstream.wait_closed(timeout=CLOSE_BOUND) is None
             assert httpx.delete(f"{base_url}/api/stream/{result['streamId']}").status_code == 204
-        assert node.poll() is None, "node exited before the upstream was checked"
         assert wait_until(lambda: active_streams(base_url) == 0)
-    finally:
-        node.stdin.close()  # type: ignore[union-attr]
-        try:
-            node.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            node.kill()
-            node.wait()
-        node.stdout.close()  # type: ignore[union-attr]
-        node.stderr.close()  # type: ignore[union-attr]
 
 
 def test_tool_outputs_go_back_to_the_upstream(upstream: FakeOpenAIUpstream, base_url: str) -> None:

@@ -11,48 +11,28 @@ needed: without them the tests skip, and in CI they fail.
 
 from __future__ import annotations
 
-import concurrent.futures
-import json
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+import node_sdk
 from fakes import FakeOpenAIUpstream, active_streams, serve_app, wait_until
 from tokenwire import Settings, create_app
 from tokenwire.providers.openai import OpenAIProvider
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "js_sdk" / "openai_sdk.mjs"
-SDK = ROOT / "bench" / "node_modules" / "openai"
-RECORDINGS = ROOT / "tests" / "fixtures" / "openai"
+SCRIPT = node_sdk.ROOT / "tests" / "js_sdk" / "openai_sdk.mjs"
+RECORDINGS = node_sdk.ROOT / "tests" / "fixtures" / "openai"
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
     {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}},
 ]  # fmt: skip
-TIMEOUT = 20.0  # seconds one node run may take on a loaded machine
 CLOSE_BOUND = 1.0
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _node_sdk() -> None:
-    missing = None
-    if shutil.which("node") is None:
-        missing = "node is needed: apt-get install nodejs"
-    elif not (SDK / "package.json").is_file():
-        missing = "no openai npm package: run `npm ci --prefix bench`"
-    if missing and _in_ci():
-        pytest.fail(f"{missing} (CI must run the node SDK tests)", pytrace=False)
-    if missing:
-        pytest.skip(missing)
+    node_sdk.require("openai")
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +58,7 @@ def node_command(base_url: str, case: str) -> list[str]:
 
 
 def run_sdk(base_url: str, case: str) -> dict[str, Any]:
-    """Run one case of the script to its end; its last stdout line, parsed."""
-    done = subprocess.run(node_command(base_url, case), capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, f"node exited with {done.returncode}:\n{done.stderr}"
-    return json.loads(done.stdout.splitlines()[-1])
+    return node_sdk.run(node_command(base_url, case))
 
 
 def test_streamed_text_with_usage(upstream: FakeOpenAIUpstream, base_url: str) -> None:
@@ -123,29 +100,10 @@ def test_a_whole_answer_without_streaming(upstream: FakeOpenAIUpstream, base_url
 
 def test_aborting_a_stream_closes_the_upstream(upstream: FakeOpenAIUpstream, base_url: str) -> None:
     upstream.configure(tokens=[f"t{i} " for i in range(1000)], interval=0.01)
-    # The script stays alive after its abort until its stdin closes: its process exiting would
-    # close its sockets too, and hide an abort that left the request open.
-    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-    node = subprocess.Popen(node_command(base_url, "abort"), text=True, **pipes)
-    try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            line = pool.submit(node.stdout.readline).result(timeout=TIMEOUT)  # type: ignore[union-attr]
-        if not line:
-            node.wait(timeout=TIMEOUT)
-            pytest.fail(f"node printed nothing:\n{node.stderr.read()}")  # type: ignore[union-attr]
-        assert json.loads(line) == {"content": "t0 ", "error": None, "aborted": True}
+    with node_sdk.held_open(node_command(base_url, "abort")) as (result, _node):
+        assert result == {"content": "t0 ", "error": None, "aborted": True}
         assert upstream.wait_closed(timeout=CLOSE_BOUND) is not None, "the upstream kept generating"
-        assert node.poll() is None, "node exited before the upstream was checked"
         assert wait_until(lambda: active_streams(base_url) == 0)
-    finally:
-        node.stdin.close()  # type: ignore[union-attr]
-        try:
-            node.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            node.kill()
-            node.wait()
-        node.stdout.close()  # type: ignore[union-attr]
-        node.stderr.close()  # type: ignore[union-attr]
 
 
 def test_errors_are_the_sdks_own(base_url: str) -> None:
