@@ -14,7 +14,7 @@ needed: without them the tests skip, and in CI they fail.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -22,11 +22,11 @@ import pytest
 
 import node_sdk
 from fakes import EVERY_OUTPUT, FakeOpenAIUpstream, active_streams, serve_app, wait_until
+from relayed_upstream import relayed_upstream_fixtures
 from tokenwire import (
     Finish, ScriptedProvider, Settings, Token, ToolCallDelta, ToolCallEnd, ToolCallStart, create_app,
 )  # fmt: skip
 from tokenwire._events import ProviderEvent
-from tokenwire.providers.openai import OpenAIProvider
 
 SCRIPT = node_sdk.ROOT / "tests" / "js_sdk" / "ai_sdk.mjs"
 RECORDINGS = node_sdk.ROOT / "tests" / "fixtures" / "openai"
@@ -50,22 +50,7 @@ def _node_sdk() -> None:
     node_sdk.require("ai", "ai-6.0.230")
 
 
-@pytest.fixture(scope="module")
-def shared_upstream() -> Iterator[FakeOpenAIUpstream]:
-    with FakeOpenAIUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def base_url(shared_upstream: FakeOpenAIUpstream) -> Iterator[str]:
-    provider = OpenAIProvider(shared_upstream.url + "/v1", model="served-model")
-    with serve_app(create_app(Settings(), provider=provider)) as url:
-        yield url
-
-
-@pytest.fixture
-def upstream(shared_upstream: FakeOpenAIUpstream) -> FakeOpenAIUpstream:
-    return shared_upstream.reset()
+shared_upstream, base_url, upstream = relayed_upstream_fixtures()
 
 
 def scripted(steps: Sequence[ProviderEvent]) -> Any:

@@ -15,8 +15,8 @@ import openai
 import pytest
 
 from fakes import FakeOpenAIUpstream, active_streams, serve_app, wait_until
+from relayed_upstream import relayed_upstream_fixtures
 from tokenwire import ScriptedProvider, Settings, create_app
-from tokenwire.providers.openai import OpenAIProvider
 
 RECORDINGS = Path(__file__).parent / "fixtures" / "openai"
 TOOLS = [
@@ -26,22 +26,7 @@ TOOLS = [
 CLOSE_BOUND = 1.0
 
 
-@pytest.fixture(scope="module")
-def shared_upstream() -> Iterator[FakeOpenAIUpstream]:
-    with FakeOpenAIUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def base_url(shared_upstream: FakeOpenAIUpstream) -> Iterator[str]:
-    provider = OpenAIProvider(shared_upstream.url + "/v1", model="served-model")
-    with serve_app(create_app(Settings(), provider=provider)) as url:
-        yield url
-
-
-@pytest.fixture
-def upstream(shared_upstream: FakeOpenAIUpstream) -> FakeOpenAIUpstream:
-    return shared_upstream.reset()
+shared_upstream, base_url, upstream = relayed_upstream_fixtures()
 
 
 @pytest.fixture

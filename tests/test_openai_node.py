@@ -11,15 +11,13 @@ needed: without them the tests skip, and in CI they fail.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import node_sdk
-from fakes import FakeOpenAIUpstream, active_streams, serve_app, wait_until
-from tokenwire import Settings, create_app
-from tokenwire.providers.openai import OpenAIProvider
+from fakes import FakeOpenAIUpstream, active_streams, wait_until
+from relayed_upstream import relayed_upstream_fixtures
 
 SCRIPT = node_sdk.ROOT / "tests" / "js_sdk" / "openai_sdk.mjs"
 RECORDINGS = node_sdk.ROOT / "tests" / "fixtures" / "openai"
@@ -35,22 +33,7 @@ def _node_sdk() -> None:
     node_sdk.require("openai")
 
 
-@pytest.fixture(scope="module")
-def shared_upstream() -> Iterator[FakeOpenAIUpstream]:
-    with FakeOpenAIUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def base_url(shared_upstream: FakeOpenAIUpstream) -> Iterator[str]:
-    provider = OpenAIProvider(shared_upstream.url + "/v1", model="served-model")
-    with serve_app(create_app(Settings(), provider=provider)) as url:
-        yield url
-
-
-@pytest.fixture
-def upstream(shared_upstream: FakeOpenAIUpstream) -> FakeOpenAIUpstream:
-    return shared_upstream.reset()
+shared_upstream, base_url, upstream = relayed_upstream_fixtures()
 
 
 def node_command(base_url: str, case: str) -> list[str]:

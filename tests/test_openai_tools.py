@@ -10,16 +10,15 @@ real uvicorn in front of the fake upstream, which replays them in the pieces a t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fakes import FakeOpenAIUpstream, StreamEvents, active_streams, iter_events, serve_app, wait_until
+from relayed_upstream import relayed_upstream_fixtures
 from tokenwire import Settings, SSEDecoder, create_app
 from tokenwire._events import ToolCallDelta, ToolCallEnd, ToolCallStart
 from tokenwire.providers.openai import OpenAIProvider, _ChunkParser
@@ -71,22 +70,7 @@ def upstream_calls(data: bytes) -> dict[int, tuple[str | None, str | None, str]]
     return {index: (c[0], c[1], c[2]) for index, c in calls.items()}
 
 
-@pytest.fixture(scope="module")
-def shared_upstream() -> Iterator[FakeOpenAIUpstream]:
-    with FakeOpenAIUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def base_url(shared_upstream: FakeOpenAIUpstream) -> Iterator[str]:
-    provider = OpenAIProvider(shared_upstream.url + "/v1", model="served-model")
-    with serve_app(create_app(Settings(), provider=provider)) as url:
-        yield url
-
-
-@pytest.fixture
-def upstream(shared_upstream: FakeOpenAIUpstream) -> FakeOpenAIUpstream:
-    return shared_upstream.reset()
+shared_upstream, base_url, upstream = relayed_upstream_fixtures()
 
 
 def calls_of(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
