@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ._events import _dumps
+from ._events import TOKEN_DATA, _dumps, token_json
 from ._validation import invalid
 
 #: The body fields of the AI SDK's own; every other field is the app's, passed on to /api/stream's body.
@@ -156,30 +156,29 @@ class UIMessageFormat:
     def __init__(self, message_id: str) -> None:
         self.message_id = message_id
         self.block: tuple[str, str] | None = None  # the open text or reasoning block: (kind, id)
+        #: While a text block is open, the bytes of its text-delta chunk up to the delta.
+        self.text_delta: bytes | None = None
         self.blocks = 0
         self.calls: dict[int, str] = {}  # index -> toolCallId
 
     def encode(self, data: bytes) -> bytes:
+        text_delta = self.text_delta
+        if text_delta is not None:
+            text = token_json(data)
+            if text is not None:  # the hot path: a token in an open text block, its text already JSON
+                return text_delta + text + b"}\n\n"
         out: list[bytes] = []
         for block in data.split(b"\n\n"):
             start = block.find(b"data: ")
             if start < 0:
                 continue
-            text_delta = self._text_delta
+            text_delta = self.text_delta
             if text_delta is not None and block.startswith(TOKEN_DATA, start):
-                # The hot path: a token in an open text block. Its text, already JSON, goes in as it is.
                 out.append(text_delta + block[start + len(TOKEN_DATA) : -1] + b"}\n\n")
                 continue
             for chunk in self._chunks(json.loads(block[start + 6 :])):
                 out.append(DONE if chunk is _DONE else b"data: " + _dumps(chunk) + b"\n\n")
         return b"".join(out)
-
-    @property
-    def _text_delta(self) -> bytes | None:
-        """The bytes of a text-delta chunk up to its delta, while a text block is open."""
-        if self.block is None or self.block[0] != "text":
-            return None
-        return b'data: {"type":"text-delta","id":"%s","delta":' % self.block[1].encode()
 
     def _open(self, kind: str) -> list[dict[str, Any]]:
         """Make ``kind`` ("text", "reasoning") the open block; the chunks that takes."""
@@ -188,6 +187,8 @@ class UIMessageFormat:
         chunks = self._close()
         self.blocks += 1
         self.block = (kind, f"{kind}-{self.blocks}")
+        if kind == "text":
+            self.text_delta = b'data: {"type":"text-delta","id":"%s","delta":' % self.block[1].encode()
         return chunks + [{"type": f"{kind}-start", "id": self.block[1]}]
 
     def _close(self, metadata: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -195,6 +196,7 @@ class UIMessageFormat:
             return []
         kind, block_id = self.block
         self.block = None
+        self.text_delta = None
         end: dict[str, Any] = {"type": f"{kind}-end", "id": block_id}
         if metadata is not None:
             end["providerMetadata"] = metadata
@@ -236,8 +238,6 @@ class UIMessageFormat:
         return []  # queued, and types added later
 
 
-#: How a token event's data begins in the log (tokenwire._events.encode_token_event).
-TOKEN_DATA = b'data: {"type":"token","text":'
 #: The end of the stream, after the last chunk; not JSON, so ``_DONE`` stands for it among the chunks.
 DONE = b"data: [DONE]\n\n"
 _DONE: dict[str, Any] = {}

@@ -240,3 +240,20 @@ def encode_event(seq: int, event: StreamEvent) -> bytes:
 def encode_token_event(seq: int, text: str) -> bytes:
     """The hot path's shortcut for ``encode_event(seq, Token(text))``."""
     return b'id: %d\ndata: {"type":"token","text":%s}\n\n' % (seq, _dumps(text))
+
+
+#: How a token event's data begins (:func:`encode_token_event`).
+TOKEN_DATA = b'data: {"type":"token","text":'
+
+
+def token_json(data: bytes) -> bytes | None:
+    """The text of a token, as JSON, when ``data`` is one token event of the log; else None.
+
+    The hot path of another API's wire format (``tokenwire._response.WireFormat``):
+    a reader following the log writes one event at a time, and a token's text
+    goes into the other format without a JSON parse or encoding.
+    """
+    start = data.find(TOKEN_DATA)
+    if start < 0 or data.find(b"\n\n") != len(data) - 2:
+        return None
+    return data[start + len(TOKEN_DATA) : -3]

@@ -20,12 +20,10 @@ import json
 import time
 from typing import Any
 
-from ._events import _dumps
+from ._events import TOKEN_DATA, _dumps, token_json
 from ._message import AssistantMessage
 from ._validation import invalid
 
-#: How a token event's data begins in the log (tokenwire._events.encode_token_event).
-TOKEN_DATA = b'data: {"type":"token","text":'
 CONTENT_END = b'},"logprobs":null,"finish_reason":null}]}\n\n'
 #: OpenAI's names for body fields tokenwire's own body has under another name.
 RENAMED = {"max_completion_tokens": "max_tokens"}
@@ -98,13 +96,15 @@ class ChunkFormat:
         self._content = self._choice + b'{"content":'
 
     def encode(self, data: bytes) -> bytes:
+        text = token_json(data)
+        if text is not None:  # the hot path: a token's text, already JSON, goes in as it is
+            return self._content + text + CONTENT_END
         out = []
         for block in data.split(b"\n\n"):
             start = block.find(b"data: ")
             if start < 0:
                 continue
             if block.startswith(TOKEN_DATA, start):
-                # The hot path: a token's text, already JSON, goes in as it is.
                 out.append(self._content + block[start + len(TOKEN_DATA) : -1] + CONTENT_END)
                 continue
             event = json.loads(block[start + 6 :])
