@@ -180,7 +180,7 @@ async def run(
         from . import ab
 
         with Section(results, "baseline"):
-            results["baseline"] = await ab.bench(baseline, plan.repeats)
+            results["baseline"] = await ab.bench(baseline, plan.cpu_rounds)
         save()
     if "local" in sections:
         with Section(results, "local"):

@@ -25,6 +25,7 @@ from typing import Any
 from . import relay, servers
 from .__main__ import HERE, log, pinning
 from .loadgen import Target
+from .report import cpu_ratio
 from .upstream import FakeUpstream
 
 
@@ -59,9 +60,8 @@ def table(result: dict[str, Any]) -> list[str]:
         "|---:|---|---:|---:|---:|---:|",
     ]
     for level, by_name in result["levels"].items():
-        base = by_name.get(result["revision"], {}).get("server_us_per_token")
         for name, figures in by_name.items():
-            ratio = figures["server_us_per_token"] / base if base else float("nan")
+            ratio = cpu_ratio(by_name, name, result["revision"])
             lines.append(
                 f"| {level} | {name} | {figures['p50_ms']:.2f} | {figures['p99_ms']:.2f} | "
                 f"{figures['server_us_per_token']:.0f} | {ratio:.3f} |"

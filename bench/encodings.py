@@ -31,8 +31,8 @@ async def bench(upstream: FakeUpstream, plan: Any, log_dir: Path, server_cpus: s
     await asyncio.to_thread(server.start, cpus=server_cpus, log_dir=log_dir)
     try:
         targets = [Target(path, server.port, path=path, **options) for path, options in FORMATS.items()]  # type: ignore[arg-type]
-        latency_plan = dataclasses.replace(plan, levels=LEVELS)
+        latency_plan = dataclasses.replace(plan, levels=LEVELS, repeats=plan.cpu_rounds)
         out = await relay.latency(upstream, targets, {t.name: server.pid for t in targets}, latency_plan, log)
     finally:
         server.stop()
-    return {"repeats": plan.repeats, "levels": out["levels"]}
+    return {"repeats": plan.cpu_rounds, "levels": out["levels"]}

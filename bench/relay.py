@@ -35,6 +35,7 @@ class Plan:
 
     name: str
     repeats: int
+    cpu_rounds: int  # rounds of the sections that compare CPU per token of two targets (encodings, baseline)
     levels: tuple[int, ...]
     rate: float
     ramp_s: float
@@ -62,13 +63,13 @@ class Plan:
 
 
 FULL = Plan(
-    name="full", repeats=5, levels=(1, 100, 200, 500), rate=20, ramp_s=1.0, settle_s=1.0, start_timeout_s=5.0, measure_s=4.0,
+    name="full", repeats=5, cpu_rounds=7, levels=(1, 100, 200, 500), rate=20, ramp_s=1.0, settle_s=1.0, start_timeout_s=5.0, measure_s=4.0,
     min_samples=200, ceiling_streams=200, ceiling_start=1000, ceiling_factor=1.5, ceiling_refine=2, ceiling_max=80_000,
     ceiling_measure_s=3.0, ceiling_floor=True, cancel_probes=100, cancel_load_streams=200, profile_streams=500, memory_streams=1000,
     profile_s=10, parser_repeats=7, parser_min_s=0.5, local_runs=9, local_max_tokens=256, local_cancel_probes=100,
 )  # fmt: skip
 QUICK = Plan(
-    name="quick", repeats=1, levels=(1, 100, 200, 500), rate=20, ramp_s=0.5, settle_s=0.3, start_timeout_s=2.0, measure_s=1.5,
+    name="quick", repeats=1, cpu_rounds=1, levels=(1, 100, 200, 500), rate=20, ramp_s=0.5, settle_s=0.3, start_timeout_s=2.0, measure_s=1.5,
     min_samples=0, ceiling_streams=200, ceiling_start=2000, ceiling_factor=2.0, ceiling_refine=0, ceiling_max=80_000,
     ceiling_measure_s=1.0, ceiling_floor=False, cancel_probes=20, cancel_load_streams=200, profile_streams=500,
     memory_streams=300,
