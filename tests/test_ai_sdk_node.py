@@ -160,6 +160,20 @@ def test_stopping_closes_the_upstream(upstream: FakeOpenAIUpstream, base_url: st
         assert wait_until(lambda: active_streams(base_url) == 0)
 
 
+def test_a_dropped_resumable_chat_is_recovered_whole_with_reconnect_to_stream(
+    upstream: FakeOpenAIUpstream, base_url: str
+) -> None:
+    tokens = [f"r{i} " for i in range(40)]
+    upstream.configure(tokens=tokens, interval=0.02)
+    result = run_sdk(base_url, "resume")
+    assert result["cut"] == tokens[:3]
+    recovered = accepted(result["recovered"])
+    assert [p["text"] for p in recovered["message"]["parts"] if p["type"] == "text"] == ["".join(tokens)]
+    assert recovered["chunks"][-1] == {"type": "finish", "finishReason": "stop"}
+    assert result["afterwards"] is None  # 204: the chat's stream has finished
+    assert upstream.request_count == 1  # replayed from the stream's log, not asked again
+
+
 def test_tool_outputs_go_back_to_the_upstream(upstream: FakeOpenAIUpstream, base_url: str) -> None:
     upstream.configure(recording=[(RECORDINGS / "parallel_tool_calls.sse").read_bytes()])
     result = run_sdk(base_url, "second_turn")

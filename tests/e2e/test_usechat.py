@@ -2,7 +2,8 @@
 
 tokenwire runs in a real uvicorn in front of the fake OpenAI upstream, and serves the bundle itself
 (a static route added to its app), so the page calls ``/api/chat`` on its own origin as a deployed
-app would. What is checked is what a user of the hook sees: the answer grows token by token, Stop
+app would. What is checked is what a user of the hook sees: the answer grows token by token, reasoning
+and tool calls show as the hook's own parts, Stop
 closes the upstream's connection, a reload mid-answer resumes it (``useChat({resume: true})``)
 without a second upstream request, and on a resumable chat Stop still closes the upstream because
 tokenwire's transport DELETEs the stream (the AI SDK's own abort only drops the connection, which a
@@ -14,6 +15,7 @@ node, esbuild and the npm packages come from ``bench/node_modules`` (``npm ci --
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -33,6 +35,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "usechat"
+RECORDING = ROOT / "tests" / "fixtures" / "openai" / "parallel_tool_calls.sse"
 NODE_MODULES = ROOT / "bench" / "node_modules"
 ESBUILD = NODE_MODULES / ".bin" / "esbuild"
 PACKAGES = ("react", "react-dom", "@ai-sdk/react", "ai")
@@ -149,6 +152,37 @@ def test_answer_grows_token_by_token(page, base_url, upstream):
     steps = {n for n in lengths if 0 < n < len("".join(SHORT))}
     assert len(steps) >= 5, f"the answer did not grow in steps: {lengths}"
     assert upstream.wait_request().body["messages"] == [{"role": "user", "content": "Count for me"}]
+
+
+def test_reasoning_and_tool_calls_show_as_their_parts(page, base_url, upstream):
+    # A recording of reasoning, text and two interleaved tool calls, in pieces that cut the JSON anywhere.
+    data = RECORDING.read_bytes()
+    upstream.configure(recording=[data[i : i + 97] for i in range(0, len(data), 97)], interval=0.01)
+    reasoning, text, calls = "", "", {}
+    for block in data.decode().split("\n\n"):
+        if block.startswith("data: {"):
+            for choice in json.loads(block[6:])["choices"]:
+                delta = choice["delta"]
+                reasoning += delta.get("reasoning_content") or ""
+                text += delta.get("content") or ""
+                for call in delta.get("tool_calls") or []:
+                    name, arguments = calls.get(call["index"], ("", ""))
+                    calls[call["index"]] = (name or call["function"].get("name"), arguments + call["function"]["arguments"])
+    assert reasoning and text and len(calls) == 2
+
+    open_chat(page, base_url)
+    send(page, "Weather and time in Zürich?")
+    page.wait_for_selector("main[data-status=ready]", timeout=WAIT)
+
+    assert page.text_content(".message[data-role=assistant] .reasoning") == reasoning
+    assert page.text_content(".message[data-role=assistant] .text") == text
+    shown = page.eval_on_selector_all(
+        ".message[data-role=assistant] .tool", "tools => tools.map(t => [t.textContent, t.dataset.state])"
+    )
+    assert shown == [
+        [f"{name}({json.dumps(json.loads(arguments), ensure_ascii=False, separators=(',', ':'))})", "input-available"]
+        for name, arguments in calls.values()
+    ]
 
 
 def test_stop_closes_the_upstream(page, page_errors, base_url, upstream):

@@ -40,7 +40,11 @@ function send(messages, abortSignal) {
 // Reads the transport's chunks and, from a copy of them, the message `readUIMessageStream` assembles;
 // also what either refused: an error ending the chunk stream, or one readUIMessageStream reports.
 async function converse(messages) {
-  const [forChunks, forMessage] = (await send(messages)).tee();
+  return collect(await send(messages));
+}
+
+async function collect(stream) {
+  const [forChunks, forMessage] = stream.tee();
   const chunks = [];
   const errors = [];
   const collecting = (async () => {
@@ -92,6 +96,31 @@ const cases = {
     };
     const second = await converse([question, answered]);
     return { first, sent: answered, second };
+  },
+
+  // A resumable chat whose connection drops after three text deltas (its fetch aborted, which on a
+  // resumable chat only drops the connection), then recovered with `reconnectToStream`, as
+  // `useChat({resume: true})` does on mount: the whole answer from its start. Once it has finished
+  // there is nothing to resume: the server answers 204, which the transport returns as null.
+  async resume() {
+    const chatId = `chat-resume-${process.pid}`;
+    const resumable = new DefaultChatTransport({ api: baseURL + "/api/chat", body: { resumable: true } });
+    const controller = new AbortController();
+    const stream = await resumable.sendMessages({
+      chatId, messages: [question], trigger: "submit-message", messageId: undefined, abortSignal: controller.signal,
+    });
+    const cut = [];
+    try {
+      for await (const chunk of stream) {
+        if (chunk.type === "text-delta" && cut.push(chunk.delta) === 3) controller.abort();
+      }
+    } catch (caught) {
+      if (caught.name !== "AbortError") throw caught;
+    }
+    const resumed = await resumable.reconnectToStream({ chatId });
+    const recovered = resumed === null ? null : await collect(resumed);
+    const afterwards = await resumable.reconnectToStream({ chatId });
+    return { cut, recovered, afterwards };
   },
 
   // Aborts after the first text-delta chunk, reports, then stays alive until stdin closes: the test
