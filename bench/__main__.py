@@ -272,9 +272,12 @@ def main() -> int:
     if args.only and previous.exists():
         old = json.loads(previous.read_text())
         if old.get("plan", {}).get("name") == plan.name:
+            # The header keeps the whole run's date; the sections measured again are named in it.
+            rerun = {**old.get("rerun", {}), **{name: results["started"] for name in sections}}
             results = {
-                **old, **results, "loadavg": old.get("loadavg", {}), "steal": old.get("steal", {}),
-                "section_started": old.get("section_started", {}),
+                **old, **results, "started": old.get("started", results["started"]), "rerun": rerun,
+                "sections": old.get("sections", sections), "loadavg": old.get("loadavg", {}),
+                "steal": old.get("steal", {}), "section_started": old.get("section_started", {}),
             }  # fmt: skip
     started = time.monotonic()
     log(f"bench ({plan.name}): {', '.join(sections)} -> {out_dir}")

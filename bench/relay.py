@@ -141,11 +141,12 @@ async def latency(
 ) -> dict[str, Any]:
     """Per level, ``repeats`` rounds; each round runs every target once, in turn.
 
-    The percentiles of a level are over the tokens of all its rounds together: at 1 stream a
+    Each round starts with the next target in turn.  The percentiles of a level are over the
+    tokens of all its rounds together: at 1 stream a
     4 s window holds 80 tokens, whose "p99" would be one run's maximum, so the window there is
     also stretched to ``plan.min_samples`` tokens a run.  The other figures are medians of runs.
     """
-    out: dict[str, Any] = {"rate": plan.rate, "levels": {}, "cdf": {}, "measure_s": {}}
+    out: dict[str, Any] = {"rate": plan.rate, "levels": {}, "cdf": {}, "measure_s": {}, "rotated": True}
     for level in plan.levels:
         ramp = plan.ramp_s if level > 1 else 0.0
         measure_s = max(plan.measure_s, plan.min_samples / (level * plan.rate))
@@ -153,7 +154,9 @@ async def latency(
         runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
         pooled: dict[str, array] = {t.name: array("q") for t in targets}
         for rep in range(plan.repeats):
-            for target in targets:
+            # Each round starts with the next target: none always runs first, or always after the
+            # same one (whose streams' leftovers, expiring logs and closing sockets, it would pay for).
+            for target in targets[rep % len(targets) :] + targets[: rep % len(targets)]:
                 result = await run_streams(
                     target, level, plan.rate, ramp_s=ramp, settle_s=plan.settle_s, measure_s=measure_s,
                     start_timeout_s=plan.start_timeout_s, server_pid=pids.get(target.name),

@@ -89,8 +89,9 @@ def _method(r: dict[str, Any]) -> list[str]:
         f"every stream has had its first token and lasts {plan['measure_s']:g} s{_long_windows(r)}; only tokens *written by the "
         "upstream* inside it count, and each stream ends once it has received a token written after it (so "
         "every window token is counted, however late). Connection set-up costs a relay far more than a "
-        "token and is left out. Rounds interleave the relays so that drifting machine noise hits all alike. "
-        "A relay that cannot keep up shows it as latency growing with the window, not as lost tokens.",
+        "token and is left out. Rounds interleave the relays so that drifting machine noise hits all alike"
+        + (", each round starting with the next relay in turn. " if r.get("latency", {}).get("rotated") else ". ")
+        + "A relay that cannot keep up shows it as latency growing with the window, not as lost tokens.",
         "",
         "- **Fake upstream** (`bench/upstream.py`): OpenAI-compatible `POST /v1/chat/completions`, raw "
         "HTTP/1.1 on asyncio protocols, chunked, keep-alive. Each token's text is `@` + the 20-digit "
@@ -640,16 +641,28 @@ def _encodings(r: dict[str, Any]) -> list[str]:
     e = r.get("encodings")
     if not e:
         return []
+    if e.get("simultaneous"):
+        how = (
+            "one `tokenwire serve` per route, all three on the relay CPU and loaded *at the same time*, each with "
+            "a third of the streams (so that whatever slows this shared machine slows all three alike: measured "
+            "one after the other, a route's CPU per token moves by 10% from one run to the next), in each of "
+            f"{e['repeats']} rounds, with the latency method above"
+        )
+    else:
+        how = (
+            f"one tokenwire server, the routes measured in turns in each of {e['repeats']} rounds with the latency "
+            "method above"
+            + (", each round starting with the next route" if e.get("rotated") else "")
+        )
     lines = [
         "## Other APIs' wire formats",
         "",
-        "`bench/encodings.py`: one tokenwire server, the same plain-text streams read through `/api/stream` "
-        "(tokenwire's events, written as the log holds them), `/v1/chat/completions` (OpenAI's chunks) and "
-        "`/api/chat` (the AI SDK's UI message chunks), both written from the log's events; measured in turns in "
-        f"each of {e['repeats']} rounds with the latency method above. *CPU ×* is the route's CPU µs/token over "
-        "`/api/stream`'s in the same round, the median over rounds.",
+        "`bench/encodings.py`: the same plain-text streams read through `/api/stream` (tokenwire's events, "
+        "written as the log holds them), `/v1/chat/completions` (OpenAI's chunks) and `/api/chat` (the AI SDK's "
+        f"UI message chunks), both written from the log's events: {how}. *CPU ×* is the route's CPU µs/token "
+        "over `/api/stream`'s in the same round, the median over rounds.",
         "",
-        "| streams | route | p50 ms | p99 ms | server CPU µs/token | CPU × |",
+        "| streams in all | route | p50 ms | p99 ms | server CPU µs/token | CPU × |",
         "|---:|---|---:|---:|---:|---:|",
     ]
     for level, rows in e["levels"].items():
@@ -772,8 +785,15 @@ def render(r: dict[str, Any]) -> str:
         "# tokenwire benchmarks",
         "",
         f"Written by `python -m bench{' --quick' if plan['name'] == 'quick' else ''}` "
-        f"(`make bench`) on {r.get('started', '?')}, in {r.get('elapsed_s', 0) / 60:.1f} min. "
-        "Every number below was measured in that one run on the machine described.",
+        f"(`make bench`) on {r.get('started', '?')}. "
+        "Every number below was measured in that one run on the machine described"
+        + (
+            ", except the sections measured again later with `python -m bench --only …`: "
+            + ", ".join(f"{name} on {at}" for name, at in r["rerun"].items())
+            + "."
+            if r.get("rerun")
+            else f", in {r.get('elapsed_s', 0) / 60:.1f} min."
+        ),
         "",
     ]
     for section in (_goals, _machine, _method, _latency, _ceiling, _cancel, _memory, _upstream_client, _encodings, _baseline, _local, _parsers, _profile, _soak, _faults, _abuse):

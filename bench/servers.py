@@ -119,9 +119,9 @@ def tokenwire_serve(name: str, *flags: str, port: int | None = None) -> Server:
     return Server(name, [*argv, *flags], port)
 
 
-def tokenwire(upstream_url: str, *, port: int | None = None) -> Server:
+def tokenwire(upstream_url: str, *, port: int | None = None, name: str = "tokenwire") -> Server:
     flags = ["--provider", "openai", "--base-url", upstream_url, "--model", "fake", *NO_ADMISSION_LIMITS]
-    return tokenwire_serve("tokenwire", *flags, port=port)
+    return tokenwire_serve(name, *flags, port=port)
 
 
 def baseline(name: str, module: str, upstream_url: str, *, port: int | None = None) -> Server:
