@@ -24,7 +24,7 @@ FIELDS = dataclasses.fields(Settings)
 
 # What users and scripts rely on: changing one is a breaking change, not a refactoring.
 DEFAULTS = {
-    "host": "127.0.0.1", "port": 8000, "provider": "local", "model_path": "", "base_url": "", "model": "",
+    "host": "127.0.0.1", "port": 8000, "workers": "1", "provider": "local", "model_path": "", "base_url": "", "model": "",
     "api_key_env": "", "heartbeat": 15.0, "max_duration": 600.0, "send_timeout": 30.0, "resume_grace": 30.0,
     "resumable_chats": False, "retry_ms": 1000, "first_token_timeout": 120.0, "idle_timeout": 60.0, "connect_timeout": 10.0,
     "max_body": 1048576, "auth_keys_file": "", "max_streams": 512, "max_streams_per_key": 32,
@@ -46,7 +46,8 @@ def test_the_relay_options_default_to_the_settings() -> None:
 
 def other_value(f: dataclasses.Field[Any]) -> str:
     """A valid value of ``f`` that is not its default, as a flag or a variable spells it."""
-    special = {"provider": "scripted", "log_level": "debug", "store": "redis://127.0.0.1:6379/1"}
+    # workers: one process (the memory store refuses more), spelt otherwise than the default.
+    special = {"provider": "scripted", "log_level": "debug", "store": "redis://127.0.0.1:6379/1", "workers": "01"}
     if f.name in special:
         return special[f.name]
     if isinstance(f.default, str):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -26,8 +27,8 @@ from ._config import Settings
 from ._exceptions import AdmissionRefused, IdempotencyConflict, RequestError
 from ._relay import Relay, Slot, fingerprint_of
 from ._message import accumulate
+from ._metrics import SharedMetrics
 from ._response import (
-    SERVER_SEND,
     EventStreamResponse,
     WholeAnswerResponse,
     error_response,
@@ -96,8 +97,13 @@ def create_app(
     provider: Provider | None = None,
     store: StreamStore | None = None,
     relay: Relay | None = None,
+    shared_metrics: SharedMetrics | None = None,
 ) -> Starlette:
-    """The tokenwire server.  Pass a ``provider`` (or a whole ``relay``) to override the settings'."""
+    """The tokenwire server.  Pass a ``provider`` (or a whole ``relay``) to override the settings'.
+
+    ``shared_metrics``: for one of several workers (``tokenwire serve --workers N``), where
+    ``/metrics`` adds up the figures of all of them.
+    """
     settings = settings or Settings()
     if relay is None:
         relay = Relay(
@@ -105,10 +111,10 @@ def create_app(
             store=store if store is not None else settings.create_store(),
             options=settings.relay_options(),
         )
-    routes = _Routes(relay, settings)
-    app = _App(
+    routes = _Routes(relay, settings, shared_metrics)
+    app = Starlette(
         routes=routes.table(),
-        lifespan=relay.lifespan,
+        lifespan=relay.lifespan if shared_metrics is None else _publishing(relay, shared_metrics),
         exception_handlers={
             RequestError: routes.refuse,
             StoreUnavailable: routes.refuse,
@@ -131,9 +137,10 @@ class _Routes:
     store's ``StoreUnavailable`` through): :meth:`refuse` answers it, in JSON.
     """
 
-    def __init__(self, relay: Relay, settings: Settings) -> None:
+    def __init__(self, relay: Relay, settings: Settings, shared_metrics: SharedMetrics | None = None) -> None:
         self.relay = relay
         self.settings = settings
+        self.shared_metrics = shared_metrics
         self.keys = KeyRing.from_file(settings.auth_keys_file) if settings.auth_keys_file else None
         self.started = int(time.time())  # the models' "created"
         self.index_html = _static("index.html")
@@ -308,6 +315,8 @@ class _Routes:
         return Response(status_code=204)
 
     async def metrics(self, request: Request) -> Response:
+        if self.shared_metrics is not None:
+            return Response(self.shared_metrics.render(self.relay.metrics), media_type=CONTENT_TYPE_LATEST)
         return Response(self.relay.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(self, request: Request) -> Response:
@@ -319,16 +328,16 @@ class _Routes:
             store_status = "ok"
         except (StoreUnavailable, TimeoutError):
             store_status = "unreachable"
-        return JSONResponse(
-            {
-                "status": "ok" if store_status == "ok" else "unavailable",
-                "store": store_status,
-                "provider": relay.provider.name,
-                "model": relay.provider.default_model,
-                "active_streams": relay.active_streams,
-            },
-            200 if store_status == "ok" else 503,
-        )
+        health: dict[str, Any] = {
+            "status": "ok" if store_status == "ok" else "unavailable",
+            "store": store_status,
+            "provider": relay.provider.name,
+            "model": relay.provider.default_model,
+            "active_streams": relay.active_streams,  # this process's
+        }
+        if self.shared_metrics is not None:  # one of several workers: which one answered
+            health["worker"] = self.shared_metrics.pid
+        return JSONResponse(health, 200 if store_status == "ok" else 503)
 
     async def index(self, request: Request) -> Response:
         return Response(self.index_html, media_type="text/html; charset=utf-8")
@@ -341,18 +350,27 @@ class _Routes:
         )
 
 
-class _App(Starlette):
-    """Starlette, handing the server's own ``send`` to event streams (``scope[SERVER_SEND]``).
+def _publishing(relay: Relay, shared: SharedMetrics) -> Callable[[object], contextlib.AbstractAsyncContextManager[None]]:
+    """The relay's lifespan, publishing its figures for the other workers meanwhile (:class:`SharedMetrics`)."""
 
-    An event stream sends its response start through the middleware stack
-    (CORS adds its headers there) and its body, a message per token, straight
-    to the server: the error-handling and CORS wrappers only look at the
-    start, and a body message through their frames would pay for each of them, per token.
-    """
+    async def publish() -> None:
+        while True:
+            shared.publish(relay.metrics)
+            await asyncio.sleep(shared.INTERVAL)
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        scope[SERVER_SEND] = send
-        await super().__call__(scope, receive, send)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: object = None) -> AsyncIterator[None]:
+        async with relay.lifespan(app):
+            publisher = asyncio.create_task(publish(), name="metrics publisher")
+            try:
+                yield
+            finally:
+                publisher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await publisher
+                shared.publish(relay.metrics)  # the last figures, which the other workers go on counting
+
+    return lifespan
 
 
 def _openai_request(body: Any) -> tuple[Any, tuple[bool, bool]]:

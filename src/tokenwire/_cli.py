@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -87,22 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from ._app import create_app
-    from ._server import create_config
+    from ._server import serve
 
     settings = Settings.from_env(**{f.name: getattr(args, f.name) for f in fields(Settings)})
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    server = uvicorn.Server(create_config(app, settings))
-    # Everything made so far lives as long as the process: keep it out of the
-    # collector's full passes, which otherwise stall every stream for tens of ms.
-    gc.freeze()
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    print(f"tokenwire: {settings.provider} provider; open http://{host}:{settings.port}/", flush=True)
-    server.run()
-    return 0
+    return serve(settings)
 
 
 def ask(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 from ._exceptions import ConfigError
 from ._relay import RelayOptions
 from .providers import registry
-from .providers.base import Provider
+from .providers.base import Provider, available_cpus
 from .stores.base import LogLimits, StreamStore
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -51,6 +51,13 @@ class Settings:
 
     host: str = setting("127.0.0.1", "address to listen on")
     port: int = setting(8000, "port to listen on")
+    workers: str = setting(
+        "1",
+        "server processes sharing the port: a number, or auto (one per core); more than 1 needs --store redis://",
+        doc="server processes sharing the port (`SO_REUSEPORT`): a number, or `auto` for one per core. More "
+        "than one needs `--store redis://`; `--max-streams` and `--max-connections` are per process, and "
+        "`/metrics` adds up all of them ([docs/deploy.md](docs/deploy.md#several-workers))",
+    )
     provider: str = setting(
         "local",
         "model backend",
@@ -223,6 +230,22 @@ class Settings:
             raise ConfigError("--provider openai needs --base-url (e.g. http://127.0.0.1:8080/v1)")
         if not (self.store == "memory" or self.store.startswith(("redis://", "rediss://"))):
             raise ConfigError("--store must be 'memory' or a redis:// URL such as redis://127.0.0.1:6379/0")
+        workers = self.worker_count()
+        if workers > 1 and self.store == "memory":
+            raise ConfigError(
+                f"--workers {self.workers} runs {workers} processes, and the memory store lives in one of them: "
+                "a stream started on one worker could not be resumed, cancelled or counted on another. "
+                "Use --store redis://HOST:PORT/DB, or --workers 1"
+            )
+
+    def worker_count(self) -> int:
+        """How many server processes ``--workers`` asks for (``auto``: the cores this process may run on)."""
+        raw = str(self.workers).strip().lower()
+        if raw == "auto":
+            return available_cpus()
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"--workers must be a whole number of at least 1, or auto; not {self.workers!r}")
+        return int(raw)
 
     def relay_options(self) -> RelayOptions:
         """The relay's options: the settings of the same names."""

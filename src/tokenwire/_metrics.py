@@ -7,17 +7,24 @@ attributes into metric families only when ``/metrics`` is scraped, and each inst
 its own ``CollectorRegistry`` (never the global ``REGISTRY``), so several apps can live
 in one process.
 
-Multiprocess mode does not see custom collectors, so with several workers each would add
-its deltas to prometheus-client's own Counter/Histogram objects now and then, off the
-per-token path, with ``active_streams`` as a ``livesum`` gauge, and ``/metrics`` would
-serve a ``MultiProcessCollector``.
+With several workers (``tokenwire serve --workers N``), prometheus-client's multiprocess
+mode is of no use (it does not see custom collectors).  Each worker publishes its figures
+instead, a small JSON file in a directory the workers share (:class:`SharedMetrics`), once
+a second and whenever it answers ``/metrics``; the worker that answers adds up every
+file: counters and histograms over every worker that ever ran (a worker restarted after
+a crash does not take its predecessor's counts away), ``active_streams`` over those alive.
+What another worker counted shows up within a second.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -36,6 +43,15 @@ class Histogram:
         self.counts = [0] * (len(buckets) + 1)
         self.total = 0.0
         self.count = 0
+
+    def add(self, other: dict[str, Any]) -> None:
+        """Add another histogram's :meth:`snapshot` (same buckets) to this one."""
+        self.counts = [a + b for a, b in zip(self.counts, other["counts"])]
+        self.total += other["total"]
+        self.count += other["count"]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"counts": list(self.counts), "total": self.total, "count": self.count}
 
     def observe(self, value: float) -> None:
         # bisect_left puts a value equal to a bound in that bound's bucket, as le ("<=") means.
@@ -116,3 +132,79 @@ class Metrics(Collector):
     def render(self) -> bytes:
         """The text exposition format; serve it as ``prometheus_client.CONTENT_TYPE_LATEST``."""
         return generate_latest(self.registry)
+
+    #: The plain counts, and the counts by label, that :meth:`snapshot` carries.
+    COUNTS = ("streams_started", "bytes_sent", "clients_dropped")
+    BY_LABEL = ("cancellations", "upstream_errors", "finished", "refused")
+    HISTOGRAMS = ("time_to_first_token", "inter_token_delay")
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every figure, as JSON-ready data, for another process to add up (:meth:`total`)."""
+        return {
+            **{name: getattr(self, name) for name in self.COUNTS},
+            **{name: dict(getattr(self, name)) for name in self.BY_LABEL},
+            **{name: getattr(self, name).snapshot() for name in self.HISTOGRAMS},
+            "active_streams": self.active_streams,
+        }
+
+    @classmethod
+    def total(cls, snapshots: list[dict[str, Any]]) -> Metrics:
+        """Metrics whose every figure is the sum of the snapshots' (another process's :meth:`snapshot`)."""
+        active = sum(s["active_streams"] for s in snapshots)
+        metrics = cls(active_streams=lambda: active)
+        for snapshot in snapshots:
+            for name in cls.COUNTS:
+                setattr(metrics, name, getattr(metrics, name) + snapshot[name])
+            for name in cls.BY_LABEL:
+                counts = getattr(metrics, name)
+                for label, value in snapshot[name].items():
+                    counts[label] += value
+            for name in cls.HISTOGRAMS:
+                getattr(metrics, name).add(snapshot[name])
+        return metrics
+
+
+class SharedMetrics:
+    """The figures of every worker of one ``tokenwire serve --workers N``, through files in ``directory``.
+
+    Each worker writes its own :meth:`Metrics.snapshot` to ``<pid>.json`` (:meth:`publish`),
+    replacing the file whole, so a reader never sees half of one.  :meth:`render` adds up every
+    file, with ``active_streams`` counted only for the workers still alive.
+    """
+
+    #: How often each worker publishes its figures, in seconds: how stale another worker's may be.
+    INTERVAL = 1.0
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.pid = os.getpid()
+        self.path = self.directory / f"{self.pid}.json"
+
+    def publish(self, metrics: Metrics) -> None:
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps(metrics.snapshot()))
+        os.replace(partial, self.path)
+
+    def render(self, own: Metrics) -> bytes:
+        """``/metrics`` over every worker: this one's figures as they are now, the others' as last published."""
+        self.publish(own)
+        snapshots = []
+        for path in self.directory.glob("*.json"):
+            try:
+                snapshot = json.loads(path.read_text())
+            except (OSError, ValueError):  # removed meanwhile; never half written (os.replace)
+                continue
+            if not _alive(int(path.stem)):
+                snapshot["active_streams"] = 0  # its generations ended with it; its counts stand
+            snapshots.append(snapshot)
+        return Metrics.total(snapshots).render()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's: not one of ours, but alive
+        return True
+    return True

@@ -51,9 +51,16 @@ configuration, so that ``serve()`` and the tests run the same one.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import os
 import resource
+import select
+import shutil
+import signal
+import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 
@@ -66,6 +73,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from ._config import Settings
 from ._exceptions import ConfigError
 from ._exceptions import RequestError
+from ._metrics import SharedMetrics
 from ._validation import invalid
 
 logger = logging.getLogger("tokenwire.server")
@@ -498,3 +506,220 @@ def create_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
         timeout_graceful_shutdown=3,
         http=HttpProtocol.with_limits(limits),
     )
+
+
+# -- tokenwire serve: one process, or --workers N on one port ----------------------------------------
+
+#: How long stopping workers may take before they are killed: uvicorn's graceful shutdown (3 s,
+#: create_config) and the relay's own (its generations cancelled, the store closed), with room.
+WORKER_STOP_SECONDS = 15.0
+
+
+def serve(settings: Settings) -> int:
+    """``tokenwire serve``: the server, in this process or in ``--workers N`` processes; the exit status."""
+    count = settings.worker_count()
+    if count == 1:
+        _announce(settings, settings.port, 1)
+        return _serve(settings)
+    return _Supervisor(settings, count).run()
+
+
+def _announce(settings: Settings, port: int, workers: int) -> None:
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    processes = f", {workers} workers" if workers > 1 else ""
+    print(f"tokenwire: {settings.provider} provider{processes}; open http://{host}:{port}/", flush=True)
+
+
+def _serve(
+    settings: Settings,
+    sockets: list[socket.socket] | None = None,
+    shared_metrics: SharedMetrics | None = None,
+    ready_fd: int | None = None,
+) -> int:
+    """Run the app in this process until a signal stops it; 0, or 3 if it never started (as uvicorn's CLI)."""
+    from ._app import create_app
+
+    app = create_app(settings, shared_metrics=shared_metrics)
+    server = _Server(create_config(app, settings), ready_fd)
+    # Everything made so far lives as long as the process: keep it out of the
+    # collector's full passes, which otherwise stall every stream for tens of ms.
+    gc.freeze()
+    server.run(sockets=sockets)
+    return 0 if server.started else 3
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling a supervisor when it is ready (one byte on ``ready_fd``)."""
+
+    def __init__(self, config: uvicorn.Config, ready_fd: int | None) -> None:
+        super().__init__(config)
+        self.ready_fd = ready_fd
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.ready_fd is not None:
+            os.write(self.ready_fd, b"r")
+            os.close(self.ready_fd)
+            self.ready_fd = None
+
+
+def _listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` sockets bound to one port with SO_REUSEPORT: the kernel spreads new connections over them.
+
+    Port 0 picks a free port for the first; the others take the same one.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            port = sock.getsockname()[1]
+            sock.listen(2048)  # uvicorn's default backlog
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sockets
+
+
+class _Supervisor:
+    """``--workers N``: N forked server processes, each accepting on its own SO_REUSEPORT socket.
+
+    The sockets are opened here, before the workers, and held here: connections the kernel
+    queues on a worker's socket while it restarts wait for the new worker instead of being
+    refused.  A worker that dies after it was ready is replaced; one that dies before it was
+    ready stops them all (a bad setting, a store that is down: it would die again).  SIGTERM or
+    SIGINT stops the workers gracefully (SIGTERM each); a second one, or a worker that takes over
+    WORKER_STOP_SECONDS, kills them.
+    """
+
+    def __init__(self, settings: Settings, count: int) -> None:
+        self.settings = settings
+        self.count = count
+        self.workers: dict[int, int] = {}  # pid -> index
+        self.waiting: dict[int, int] = {}  # the read end of a starting worker's ready pipe -> its pid
+        self.ready: set[int] = set()
+        self.stopping_since: float | None = None
+        self.status = 0
+
+    def run(self) -> int:
+        self.sockets = _listening_sockets(self.settings.host, self.settings.port, self.count)
+        self.metrics_dir = tempfile.mkdtemp(prefix="tokenwire-metrics-")
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        # A worker's exit wakes the loop at once: SIGCHLD gets a handler, and every handled signal
+        # writes a byte to this pipe, which _watch selects on.
+        previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda sig, frame: None)
+        self.wakeup, self.wakeup_write = os.pipe()
+        os.set_blocking(self.wakeup_write, False)
+        previous_wakeup = signal.set_wakeup_fd(self.wakeup_write)
+        try:
+            _announce(self.settings, self.sockets[0].getsockname()[1], self.count)
+            for index in range(self.count):
+                if self.stopping_since is None:  # else a signal came meanwhile
+                    self._start(index)
+            while self.workers:
+                self._watch()
+        finally:
+            signal.set_wakeup_fd(previous_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            os.close(self.wakeup)
+            os.close(self.wakeup_write)
+            for sock in self.sockets:
+                sock.close()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        return self.status
+
+    def _start(self, index: int) -> None:
+        read_end, write_end = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            status = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                # A terminal's ^C reaches every process of the group: the supervisor stops the workers.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.set_wakeup_fd(-1)
+                for fd in (read_end, self.wakeup, self.wakeup_write, *self.waiting):
+                    os.close(fd)
+                for i, sock in enumerate(self.sockets):
+                    if i != index:
+                        sock.close()
+                shared = SharedMetrics(self.metrics_dir)
+                status = _serve(self.settings, [self.sockets[index]], shared, write_end)
+            except ConfigError as exc:  # found only where the app is made (a provider's own checks)
+                print(f"tokenwire: {exc}", file=sys.stderr, flush=True)
+                status = 2
+            except BaseException:
+                logger.exception("worker %d failed", index)
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        self.workers[pid] = index
+        self.waiting[read_end] = pid
+
+    def _watch(self) -> None:
+        """Wait for a worker to say it is ready or to exit (its pipe's end), or for a signal; act on it."""
+        readable, _, _ = select.select([self.wakeup, *self.waiting], [], [], 1.0)
+        for fd in readable:
+            if fd == self.wakeup:
+                os.read(fd, 512)  # the signals' bytes: their handlers have run
+                continue
+            pid = self.waiting.pop(fd)
+            if os.read(fd, 1) == b"r":  # else the pipe's end: the worker exited, waitpid says how
+                self.ready.add(pid)
+            os.close(fd)
+        while self.workers:
+            pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            self._exited(pid, wait_status)
+        if self.stopping_since is not None and time.monotonic() - self.stopping_since > WORKER_STOP_SECONDS:
+            logger.warning("workers still running %g s after SIGTERM: killing them", WORKER_STOP_SECONDS)
+            self._signal_all(signal.SIGKILL)
+
+    def _exited(self, pid: int, wait_status: int) -> None:
+        index = self.workers.pop(pid)
+        for fd in [fd for fd, waiting in self.waiting.items() if waiting == pid]:
+            del self.waiting[fd]
+            os.close(fd)
+        was_ready = pid in self.ready
+        self.ready.discard(pid)
+        if self.stopping_since is not None:
+            return
+        how = (
+            f"exited with status {os.WEXITSTATUS(wait_status)}"
+            if os.WIFEXITED(wait_status)
+            else f"was killed by signal {os.WTERMSIG(wait_status)}"
+        )
+        if was_ready:
+            logger.warning("worker %d (pid %d) %s: starting another", index, pid, how)
+            self._start(index)
+            return
+        logger.error("worker %d (pid %d) %s before it was ready: stopping", index, pid, how)
+        self.status = (os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status)) or 1
+        self._stop()
+
+    def _on_signal(self, sig: int, frame: object) -> None:
+        if self.stopping_since is not None:  # the second: no more waiting
+            self._signal_all(signal.SIGKILL)
+            return
+        self._stop()
+
+    def _stop(self) -> None:
+        self.stopping_since = time.monotonic()
+        self._signal_all(signal.SIGTERM)
+
+    def _signal_all(self, sig: int) -> None:
+        for pid in self.workers:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass

@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import contextvars
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,6 +201,13 @@ def message_text(message: dict[str, Any]) -> str:
     if isinstance(content, str):
         return content
     return "".join(part["text"] for part in content if part.get("type") == "text")
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (its affinity, not the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def unsupported(provider: str, what: str, fix: str, param: str | None = None) -> RequestError:

@@ -67,7 +67,7 @@ from ._llama_chat import (
     tool_format,
     tool_history_param,
 )
-from .base import GenerationRequest, Provider, on_stop, unsupported
+from .base import GenerationRequest, Provider, available_cpus, on_stop, unsupported
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -203,7 +203,7 @@ class LocalProvider(Provider):
             raise ConfigError(f"model file not found: {self.model_path}: pass --model-path with a .gguf file")
         self.default_model = model_name(self.model_path)
         # llama-cpp-python defaults to half the CPUs for generation; on 2 cores that halves the speed.
-        self.n_threads = n_threads or _available_cpus()
+        self.n_threads = n_threads or available_cpus()
         self.n_ctx = n_ctx
         self.n_ubatch = n_ubatch
         self.max_queue = max_queue
@@ -589,9 +589,3 @@ def _lower_priority() -> None:
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
     except OSError:  # a sandbox that forbids it: run at normal priority
         pass
-
-
-def _available_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
