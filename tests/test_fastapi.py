@@ -52,6 +52,44 @@ def test_the_readme_example_streams(example: types.ModuleType) -> None:
     assert terminal(events)["finish_reason"] == "stop"
 
 
+def follows_of(store: Any, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What ``store.follow`` answers, call by call, from now on."""
+    answers: list[bool] = []
+    follow = store.follow
+
+    def counting(stream_id: str, after: int, follower: Any) -> bool:
+        answers.append(follow(stream_id, after, follower))
+        return answers[-1]
+
+    monkeypatch.setattr(store, "follow", counting)
+    return answers
+
+
+def test_the_generation_writes_the_readme_examples_tokens_itself(
+    example: types.ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On uvicorn, past FastAPI's own wrappers of send (which only watch the response start), the
+    # stream's body goes to uvicorn's send, and the generation writes each token as it comes (the fast path).
+    follows = follows_of(example.relay.store, monkeypatch)
+    with serve_app(example.app) as url, httpx.Client(timeout=10) as client:
+        with client.stream("POST", url + "/chat", json=chat_body()) as response:
+            events = list(iter_events(response))
+    assert terminal(events)["finish_reason"] == "stop"
+    assert True in follows
+
+
+def test_a_users_middleware_keeps_the_body_on_its_chain(upstream: FakeOpenAIUpstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Middleware of the user's may do anything with the body: it gets every message, from the response's task.
+    app = own_app(upstream.url + "/v1")
+    follows = follows_of(app.state.relay.store, monkeypatch)
+    with serve_app(app) as url, httpx.Client(timeout=10) as client:
+        headers = {"authorization": "Bearer secret"}
+        with client.stream("POST", url + "/v1/chat", json=chat_body(), headers=headers) as response:
+            events = list(iter_events(response))
+    assert "".join(e["text"] for e in events if e["type"] == "token") == "Hello, world!"
+    assert follows == []
+
+
 def test_an_abort_mid_stream_closes_the_upstream(example: types.ModuleType, upstream: FakeOpenAIUpstream) -> None:
     upstream.configure(tokens=[f" t{i}" for i in range(5000)], interval=0.005)
     with serve_app(example.app) as url, httpx.Client(timeout=10) as client:

@@ -16,7 +16,7 @@ import httpx
 
 from fakes import iter_events, post_without_reading, run_async, serve_app, wait_until
 from tokenwire import EventStreamResponse, Relay, ScriptedProvider, Settings, create_app
-from tokenwire._response import SERVER_SEND, _finish
+from tokenwire._response import SERVER_SEND, _finish, _unwrapped, server_send
 from tokenwire._sse import SSEDecoder
 from tokenwire.providers.base import GenerationRequest
 from tokenwire.stores.base import LogLimits, StreamMeta
@@ -256,3 +256,51 @@ def test_a_reader_that_falls_behind_the_log_ends_with_an_error_whose_id_is_its_c
     assert json.loads(last.data)["error"]["type"] == "gone"
     assert last.id == str(cursor), "the error's id is the reader's cursor, not a seq it never got"
     assert all(event.id for event in events), "every event, the terminal error included, has an id"
+
+
+def test_starlettes_own_wrappers_of_send_pass_a_body_on_as_it_is() -> None:
+    """What server_send peels must stay pass-through in the Starlette installed: checked on the real wrappers."""
+    from starlette._exception_handler import wrap_app_handling_exceptions
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.middleware.errors import ServerErrorMiddleware
+    from starlette.requests import Request
+
+    async def main() -> None:
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"origin", b"https://a.example")]}
+        body = {"type": "http.response.body", "body": b"data: x\n\n", "more_body": True}
+        for wrap in (
+            ServerErrorMiddleware,
+            lambda app: wrap_app_handling_exceptions(app, Request(scope)),
+            lambda app: CORSMiddleware(app, allow_origins=["https://a.example"]),
+        ):
+            received: list[dict[str, Any]] = []
+            handed: list[Any] = []
+
+            async def outer(message: dict[str, Any]) -> None:
+                received.append(message)
+
+            async def app(scope: Any, receive: Any, send: Any) -> None:
+                handed.append(send)
+                await send(body)
+
+            await wrap(app)(dict(scope), None, outer)
+            assert handed[0] is not outer  # it did wrap send
+            assert _unwrapped(handed[0]) is outer
+            assert received == [body] and received[0] is body
+
+    asyncio.run(main())
+
+
+def test_any_other_send_is_not_the_servers() -> None:
+    async def plain(message: dict[str, Any]) -> None:
+        pass
+
+    def wrapper(send: Any) -> Any:
+        async def sending(message: dict[str, Any]) -> None:
+            await send(message)
+
+        return sending
+
+    assert server_send(plain) is None
+    assert server_send(wrapper(plain)) is None
+    assert _unwrapped(wrapper(plain)) is None

@@ -244,6 +244,75 @@ def test_concurrent_readers_get_every_event_once_and_in_order(backend: Backend) 
     run(main)
 
 
+class RecordingFollower:
+    """A follower (stores.base.Follower) that keeps what it is handed, and wants everything up to the end."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[bytes, bool]] = []
+        self.released = 0
+
+    def __call__(self, data: bytes, terminal: bool) -> bool:
+        self.events.append((data, terminal))
+        return not terminal
+
+    def release(self) -> None:
+        self.released += 1
+
+
+def test_a_follower_at_the_live_end_is_handed_each_event_once_in_order(backend: Backend) -> None:
+    async def main() -> None:
+        async with opened(backend.new()) as store:
+            meta = new_meta()
+            await store.create(meta)
+            await append_events(store, meta.stream_id, range(1, 4))
+            behind, caught_up = RecordingFollower(), RecordingFollower()
+            assert not store.follow(meta.stream_id, 1, behind)  # events 2 and 3 are to be read first
+            assert store.follow(meta.stream_id, 3, caught_up)
+            await append_events(store, meta.stream_id, range(4, 11), end=10)
+            assert caught_up.events == [(event(seq), seq == 10) for seq in range(4, 11)]
+            assert behind.events == [] and caught_up.released == 0
+            assert not store.follow(meta.stream_id, 10, RecordingFollower())  # ended: nothing more to hand
+
+    run(main)
+
+
+def test_an_unfollowed_follower_is_handed_nothing_more(backend: Backend) -> None:
+    async def main() -> None:
+        async with opened(backend.new()) as store:
+            meta = new_meta()
+            await store.create(meta)
+            await append_events(store, meta.stream_id, range(1, 3))
+            follower = RecordingFollower()
+            assert store.follow(meta.stream_id, 2, follower)
+            await append_events(store, meta.stream_id, range(3, 4))
+            store.unfollow(meta.stream_id, follower)
+            await append_events(store, meta.stream_id, range(4, 6))
+            assert follower.events == [(event(3), False)]
+
+    run(main)
+
+
+def test_redis_hands_events_only_to_readers_where_they_are_written(redis_url: str) -> None:
+    """A replica that does not write the stream sees its appends only in Redis: it cannot follow."""
+    backend = RedisBackend(redis_url)
+
+    async def main() -> None:
+        async with opened(backend.new()) as store, opened(backend.replica(store)) as other:
+            assert isinstance(store, RedisStore)
+            meta = new_meta()
+            await store.create(meta)
+            await append_events(store, meta.stream_id, range(1, 3))
+            assert not other.follow(meta.stream_id, 2, RecordingFollower())
+            follower = RecordingFollower()
+            assert store.follow(meta.stream_id, 2, follower)
+            # Redis goes down: what is buffered from now on is in no reader's hands before it is in Redis.
+            store._went_down(ConnectionError("test"))
+            assert follower.released == 1
+            assert not store.follow(meta.stream_id, 2, RecordingFollower())
+
+    run(main)
+
+
 def test_a_log_trimmed_beyond_max_events_says_what_it_still_has(backend: Backend) -> None:
     async def main() -> None:
         async with opened(backend.new(LogLimits(max_events=10))) as store:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -61,8 +62,72 @@ READER_LEASE = 15.0
 # Seconds a response waits for its sender and watcher to stop once cancelled (see _stop).
 STOP_TIMEOUT = 1.0
 
-#: The scope key under which tokenwire's app leaves the server's own ``send`` (see ``_app._App``).
+#: A scope key under which an ASGI server may leave its own ``send`` for the event streams; without
+#: it, a response finds uvicorn's under the wrappers that pass a body on untouched (:func:`server_send`).
 SERVER_SEND = "tokenwire.server_send"
+#: The wrappers of ``send`` that note the response's start and pass every message on as it is:
+#: Starlette's ServerErrorMiddleware, and the exception handling it puts around an app and each
+#: route (FastAPI's routes too).  (module, the wrapper's qualified name), for closures whose ``send``
+#: is the one they wrap.
+PASS_THROUGH = frozenset({
+    ("starlette.middleware.errors", "ServerErrorMiddleware.__call__.<locals>._send"),
+    ("starlette._exception_handler", "wrap_app_handling_exceptions.<locals>.wrapped_app.<locals>.sender"),
+})  # fmt: skip
+#: CORSMiddleware's ``send``, bound with functools.partial: it adds headers to the start, nothing else.
+CORS_SEND = ("starlette.middleware.cors", "CORSMiddleware.send")
+
+
+def server_send(send: Send) -> Send | None:
+    """The ASGI server's own ``send`` under ``send``, if only pass-through wrappers lie between; else None.
+
+    The body of an event stream, a message per token, goes straight to the server's
+    ``send``: each wrapper costs a coroutine frame per token, and with the server's own
+    the generation can write each token itself (a follower, see ``_pump``).  That is safe
+    only past wrappers that do nothing to a body message: Starlette's and FastAPI's own
+    (:data:`PASS_THROUGH`, :data:`CORS_SEND`).  Any other (a user's middleware, which
+    may compress, buffer or count the body, or run its ``send`` in a task of its own)
+    keeps the body on the whole chain.  The server's ``send`` is uvicorn's (httptools
+    or h11); another server can hand its own in ``scope[SERVER_SEND]``.
+    """
+    for _ in range(32):  # a chain of wrappers, not a cycle
+        owner = getattr(send, "__self__", None)
+        if owner is not None and type(owner) in _server_cycles() and getattr(send, "__name__", "") == "send":
+            return send
+        inner = _unwrapped(send)
+        if inner is None:
+            return None
+        send = inner
+    return None
+
+
+def _unwrapped(send: Any) -> Any:
+    """What a pass-through wrapper of ``send`` wraps; None for any other callable."""
+    if isinstance(send, functools.partial):
+        func = send.func
+        if (getattr(func, "__module__", None), getattr(func, "__qualname__", None)) == CORS_SEND:
+            return send.keywords.get("send")
+        return None
+    code = getattr(send, "__code__", None)
+    closure = getattr(send, "__closure__", None)
+    if code is None or closure is None or (getattr(send, "__module__", None), code.co_qualname) not in PASS_THROUGH:
+        return None
+    try:
+        return closure[code.co_freevars.index("send")].cell_contents
+    except (ValueError, IndexError):
+        return None
+
+
+@functools.cache
+def _server_cycles() -> tuple[type, ...]:
+    """uvicorn's request-response cycles, whose ``send`` is the server's own."""
+    cycles: list[type] = []
+    for module in ("httptools_impl", "h11_impl"):
+        try:
+            imported = __import__(f"uvicorn.protocols.http.{module}", fromlist=["RequestResponseCycle"])
+        except ImportError:  # uvicorn without httptools (or another server altogether)
+            continue
+        cycles.append(imported.RequestResponseCycle)
+    return tuple(cycles)
 
 
 class ClientGone(Exception):
@@ -153,8 +218,9 @@ class EventStreamResponse(Response):
             # The body skips the middleware, which only looks at the response start.
             # Following the log means running the server's send inside the generation's task: only
             # with the server's own send (tokenwire's app), never a middleware's.
-            follow = SERVER_SEND in scope
-            send = scope.get(SERVER_SEND, send)
+            server = scope.get(SERVER_SEND) or server_send(send)
+            follow = server is not None
+            send = server or send
             sender = asyncio.create_task(self._pump(send, backlog, follow=follow), name="sender")
             watcher = asyncio.create_task(_wait_for_disconnect(receive), name="disconnect watcher")
             try:
@@ -476,6 +542,10 @@ class _Follower:
     def _wake(self) -> None:
         if not self._waiter.done():
             self._waiter.set_result(None)
+
+    def release(self) -> None:
+        """The store hands over no more events: the response's task reads them from the log."""
+        self._wake()
 
     def discard(self) -> None:
         """The response's task stops (cancelled): drop an unfinished write."""

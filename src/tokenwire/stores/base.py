@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 
 async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
@@ -81,9 +82,14 @@ class ReadResult:
 
 CancelCallback = Callable[[str], Awaitable[None] | None]
 
-#: ``follower(data, terminal)``: called from inside ``append`` with each new event;
-#: returns whether it wants the next one too (see :meth:`StreamStore.follow`).
-Follower = Callable[[bytes, bool], bool]
+class Follower(Protocol):
+    """A reader handed each new event from inside ``append`` (see :meth:`StreamStore.follow`)."""
+
+    def __call__(self, data: bytes, terminal: bool) -> bool:
+        """Take the next event; return whether it wants the one after too."""
+
+    def release(self) -> None:
+        """The store hands it no more events (it cannot, for now): it reads them with ``read`` instead."""
 
 
 #: ``lost_writer_event(seq)``: the encoded terminal event numbered ``seq`` that a
@@ -182,8 +188,9 @@ class StreamStore(abc.ABC):
         up in :meth:`read` for each token, it is handed each one as it is
         appended, and writes it at once.  Only if ``after`` is the live end of
         the log (nothing to read, not ended); a follower is dropped as soon as it
-        returns False, or by :meth:`unfollow`.  Returns False when the store
-        cannot (the default: a shared store's appends happen in another process).
+        returns False, or by :meth:`unfollow`, or when the store can no longer hand
+        it events (it calls ``follower.release()``).  Returns False when the store
+        cannot (the default: a shared store's appends may happen in another process).
         """
         return False
 

@@ -97,6 +97,7 @@ from .._exceptions import ConfigError
 from .base import (
     CancelCallback,
     CursorAhead,
+    Follower,
     LogLimits,
     LogTrimmed,
     ReadResult,
@@ -288,13 +289,19 @@ def _ms(seconds: float) -> int:
 class _Owned:
     """A stream this replica writes: what it needs to buffer its events and to restore it."""
 
-    __slots__ = ("meta", "last", "tail", "pending")
+    __slots__ = ("meta", "last", "tail", "pending", "followers")
 
     def __init__(self, meta: StreamMeta, tail: int) -> None:
         self.meta = meta
         self.last = 0  # the last seq Redis confirmed
         self.tail: collections.deque[bytes] = collections.deque(maxlen=tail)  # events up to ``last``
         self.pending: collections.deque[tuple[int, bytes, bool]] = collections.deque()  # not yet written
+        self.followers: list[Follower] = []  # readers here, handed each event once Redis has it
+
+    def release_followers(self) -> None:
+        followers, self.followers = self.followers, []
+        for follower in followers:
+            follower.release()
 
 
 class RedisStore(StreamStore):
@@ -452,6 +459,9 @@ class RedisStore(StreamStore):
         if self._down_since is None:
             self._down_since = asyncio.get_running_loop().time()
             logger.warning("Redis at %s is unreachable (%s); buffering, probing", _redacted(self.url), exc)
+            # What is buffered now is not in Redis yet: no reader gets it before a reader elsewhere could.
+            for owned in self._owned.values():
+                owned.release_followers()
         return self._unavailable()
 
     async def _keep(self) -> None:
@@ -556,6 +566,7 @@ class RedisStore(StreamStore):
         owned = self._owned.pop(stream_id, None)
         if owned is not None:
             self._pending_bytes -= sum(len(data) for _, data, _ in owned.pending)
+            owned.release_followers()
 
     async def get_meta(self, stream_id: str) -> StreamMeta | None:
         if self._down_since is not None:
@@ -613,11 +624,13 @@ class RedisStore(StreamStore):
                 raise StreamEnded(stream_id) from None
             else:
                 raise ValueError(f"cannot append to {stream_id}: {exc}") from None
-        if terminal:
-            self._forget(stream_id)
-        elif owned is not None and seq > owned.last:
+        if owned is not None and seq > owned.last:
+            if owned.followers:  # readers here get it now that any reader elsewhere can
+                owned.followers = [follower for follower in owned.followers if follower(data, terminal)]
             owned.last = seq
             owned.tail.append(data)
+        if terminal:
+            self._forget(stream_id)
         return reply >= 2
 
     def _buffer(self, owned: _Owned, seq: int, data: bytes, terminal: bool) -> bool:
@@ -681,6 +694,19 @@ class RedisStore(StreamStore):
             owned = self._owned.get(stream_id)
             if not exists and owned is not None:
                 await self._restore(stream_id, owned)
+
+    def follow(self, stream_id: str, after: int, follower: Follower) -> bool:
+        # Only a stream this replica writes, at the live end of what Redis has, with nothing buffered.
+        owned = self._owned.get(stream_id)
+        if owned is None or owned.pending or self._down_since is not None or after != owned.last:
+            return False
+        owned.followers.append(follower)
+        return True
+
+    def unfollow(self, stream_id: str, follower: Follower) -> None:
+        owned = self._owned.get(stream_id)
+        if owned is not None and follower in owned.followers:
+            owned.followers.remove(follower)
 
     async def read(self, stream_id: str, after: int, *, timeout: float) -> ReadResult:
         if self._down_since is not None:
