@@ -200,3 +200,24 @@ def test_a_dead_replicas_slots_come_back_with_its_lease(tmp_path: Path, redis_ur
         finally:
             for sock in socks:
                 sock.close()
+
+
+def test_a_burst_of_new_streams_is_admitted_a_few_per_turn_of_the_loop() -> None:
+    """The running streams' tokens wait behind one batch of starts, not behind the whole burst (_Turns)."""
+    from tokenwire._relay import STARTS_PER_TURN, _Turns
+
+    async def main() -> list[int]:
+        turns = _Turns()
+        admitted: list[int] = []
+        waiting = [asyncio.create_task(turns.take()) for _ in range(STARTS_PER_TURN * 3 + 1)]
+        waiting[STARTS_PER_TURN + 1].cancel()  # a client that leaves while it waits gives its place up
+        while not all(task.done() for task in waiting):
+            await asyncio.sleep(0)  # one turn of the loop
+            admitted.append(sum(1 for task in waiting if task.done() and not task.cancelled()))
+        return admitted
+
+    admitted = asyncio.run(main())
+    steps = [b - a for a, b in zip([0, *admitted], admitted)]
+    assert admitted[-1] == STARTS_PER_TURN * 3
+    assert all(step <= STARTS_PER_TURN for step in steps), steps
+    assert steps[0] == STARTS_PER_TURN  # the first batch at once

@@ -21,6 +21,7 @@ append that a cancel interrupted is written again (appends are idempotent) befor
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -112,6 +113,53 @@ class _Generation:
     started: float = field(default_factory=lambda: asyncio.get_running_loop().time())
 
 
+#: New streams admitted per turn of the event loop (see _Turns).
+STARTS_PER_TURN = 4
+
+
+class _Turns:
+    """At most ``per_turn`` new streams are admitted per turn of the event loop; the rest wait their turn.
+
+    A burst of requests arrives in one poll of the sockets, and each handler runs its
+    whole start (body, validation, store, the generation's task, the response's start)
+    without a pause; the tokens of the streams already running would wait behind every
+    one of them (200 at once: tens of milliseconds).  Taken a few per turn, with a
+    poll of the sockets between two turns, the running streams wait behind one batch.
+    A request that arrives while no one waits is admitted at once.
+    """
+
+    __slots__ = ("per_turn", "_granted", "_waiting", "_handle")
+
+    def __init__(self, per_turn: int = STARTS_PER_TURN) -> None:
+        self.per_turn = per_turn
+        self._granted = 0  # admitted in this turn
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._handle: asyncio.Handle | None = None
+
+    async def take(self) -> None:
+        """Wait for this turn's place, or a later turn's."""
+        loop = asyncio.get_running_loop()
+        if self._handle is None:  # the next turn resets the count
+            self._handle = loop.call_soon(self._next_turn)
+        if self._granted < self.per_turn and not self._waiting:
+            self._granted += 1
+            return
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiting.append(waiter)
+        await waiter  # cancelled (the client left): it is skipped when its turn comes
+
+    def _next_turn(self) -> None:
+        self._handle = None
+        self._granted = 0
+        while self._waiting and self._granted < self.per_turn:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._granted += 1
+        if self._granted:  # the next turn resets the count again, and goes on with the line
+            self._handle = asyncio.get_running_loop().call_soon(self._next_turn)
+
+
 def new_stream_id() -> str:
     """128 random bits: unguessable, URL-safe."""
     return "str_" + secrets.token_urlsafe(16)
@@ -141,6 +189,7 @@ class Relay:
         self.options = options or RelayOptions()
         self._running: dict[str, _Generation] = {}
         self._housekeeping: set[asyncio.Task[None]] = set()
+        self._turns = _Turns()
         self._reserved = 0  # slots held: streams running, and requests admitted that have not started yet
         self._per_principal: dict[str, int] = {}  # the same, by principal
         self._writers: set[Writer] = set()
@@ -238,6 +287,7 @@ class Relay:
         :meth:`start`, which hands it to the generation; release it yourself only
         if you never call :meth:`start`.
         """
+        await self._turns.take()  # a burst of new streams is taken a few at a time (_Turns)
         if max_streams is not None and self._reserved >= max_streams:
             raise AdmissionRefused("server", max_streams)
         held = self._per_principal.get(principal, 0)
