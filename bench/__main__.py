@@ -7,7 +7,9 @@
     python -m bench --baseline fc06208   # also: plain text against that revision (make bench BASELINE=…)
 
 Sections: latency, ceiling, cancel, memory, profile, upstream_client (the openai provider on its own HTTP
-client, on httpx and on aiohttp, interleaved; ~3 minutes), local, parsers, soak (10 minutes per store; 30 s
+client, on httpx and on aiohttp, interleaved; ~3 minutes), encodings, paths (the Redis store and a mounted
+relay against the memory store), workers (the ceiling with one worker and two), burst (200 and 500 streams started at
+once while 100 run, unpinned and pinned; ~5 minutes), local, parsers, soak (10 minutes per store; 30 s
 with ``--quick``), faults (lost cancels, a killed replica, a Redis restart; ~2 minutes), abuse (slowloris,
 slow bodies, huge headers, a connection flood, with normal requests meanwhile; ~1 minute).  Installs its own
 dependencies first (bench/requirements.txt into this venv, bench/package.json with ``npm ci``) unless
@@ -29,7 +31,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = (
-    "latency", "ceiling", "cancel", "memory", "profile", "upstream_client", "encodings", "baseline", "local",
+    "latency", "ceiling", "cancel", "memory", "profile", "upstream_client", "encodings", "paths", "burst", "workers", "baseline", "local",
     "parsers", "soak", "faults", "abuse",
 )  # fmt: skip
 
@@ -172,6 +174,24 @@ async def run(
 
             with Section(results, "encodings"):
                 results["encodings"] = await encodings.bench(upstream, plan, log_dir, server_cpus, log)
+            save()
+        if "paths" in sections:
+            from . import paths
+
+            with Section(results, "paths"):
+                results["paths"] = await paths.bench(upstream, plan, log_dir, server_cpus, log)
+            save()
+        if "workers" in sections:
+            from . import workers
+
+            with Section(results, "workers"):
+                results["workers"] = await workers.bench(upstream, plan, log_dir, cpus, log)
+            save()
+        if "burst" in sections:
+            from . import burst
+
+            with Section(results, "burst"):
+                results["burst"] = await burst.bench(upstream, plan.repeats, log_dir, cpus, log)
             save()
     finally:
         await upstream.aclose()

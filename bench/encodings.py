@@ -13,15 +13,11 @@ slows the machine then slows all three alike, and each server's CPU per token is
 from __future__ import annotations
 
 import asyncio
-import math
-import statistics
-from array import array
 from pathlib import Path
 from typing import Any
 
-from . import servers
-from .loadgen import Target, run_streams
-from .relay import latency_ms, summarize
+from . import relay, servers
+from .loadgen import Target
 from .upstream import FakeUpstream
 
 LEVELS = (200, 500)  # streams in all, a third per route
@@ -38,48 +34,11 @@ async def bench(upstream: FakeUpstream, plan: Any, log_dir: Path, server_cpus: s
     group = {route: servers.tokenwire(upstream.base_url, name="tokenwire" + route.replace("/", "-")) for route in FORMATS}
     for server in group.values():
         await asyncio.to_thread(server.start, cpus=server_cpus, log_dir=log_dir)
-    levels: dict[str, Any] = {}
     try:
-        for level in LEVELS:
-            each = math.ceil(level / len(FORMATS))
-            runs: dict[str, list[dict[str, Any]]] = {route: [] for route in FORMATS}
-            pooled: dict[str, array] = {route: array("q") for route in FORMATS}
-            for rep in range(plan.cpu_rounds):
-                results = await asyncio.gather(*(
-                    run_streams(
-                        Target(route, group[route].port, path=route, **options), each, plan.rate, ramp_s=plan.ramp_s,
-                        settle_s=plan.settle_s, measure_s=plan.measure_s, start_timeout_s=plan.start_timeout_s,
-                        server_pid=group[route].pid,
-                    )
-                    for route, options in FORMATS.items()
-                ))  # fmt: skip
-                figures = {route: summarize(result) for route, result in zip(FORMATS, results)}
-                for route, result in zip(FORMATS, results):
-                    runs[route].append(figures[route])
-                    pooled[route].extend(result.latencies_ns)
-                base = figures[REFERENCE]["server_us_per_token"]
-                log(
-                    f"encodings {level:>4} streams ({each} per route) rep {rep + 1}: "
-                    + "  ".join(
-                        f"{route} {f['server_us_per_token']:.1f} µs/token ({f['server_us_per_token'] / base:.3f})"
-                        for route, f in figures.items()
-                    )
-                    + "".join(f"  FAILED {route} {f['failed_streams']}" for route, f in figures.items() if f["failed_streams"])
-                )
-                upstream.forget()
-                await asyncio.sleep(plan.settle_s)
-            levels[str(level)] = {
-                route: {
-                    **latency_ms(pooled[route]),
-                    "server_us_per_token": statistics.median(r["server_us_per_token"] for r in runs[route]),
-                    "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs[route]),
-                    "failed_streams": sum(r["failed_streams"] for r in runs[route]),
-                    "runs": runs[route],
-                }
-                for route in FORMATS
-            }
+        targets = [Target(route, group[route].port, path=route, **options) for route, options in FORMATS.items()]
+        pids = {route: server.pid for route, server in group.items()}
+        levels = await relay.side_by_side(upstream, targets, pids, LEVELS, plan, log, "encodings")
     finally:
         for server in group.values():
             server.stop()
     return {"repeats": plan.cpu_rounds, "simultaneous": True, "reference": REFERENCE, "levels": levels}
-

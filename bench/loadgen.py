@@ -336,14 +336,21 @@ def machine_busy_seconds() -> float:
 
 
 def _cpu_seconds(pid: int | None) -> float:
+    """CPU seconds of process ``pid`` and its children (``tokenwire serve --workers N``'s workers)."""
     if pid is None:
         return 0.0
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        total = (int(fields[11]) + int(fields[12])) / _CLK_TCK
     except (OSError, IndexError, ValueError):
         return 0.0
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(child) for child in f.read().split()]
+    except (OSError, ValueError):
+        children = []
+    return total + sum(_cpu_seconds(child) for child in children)
 
 
 # -- cancellation ------------------------------------------------------------------------

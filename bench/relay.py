@@ -133,6 +133,61 @@ async def _settle(upstream: FakeUpstream, seconds: float = 0.5) -> None:
     await asyncio.sleep(seconds)
 
 
+# -- CPU per token, side by side -----------------------------------------------------------
+
+
+async def side_by_side(
+    upstream: FakeUpstream, targets: list[Target], pids: dict[str, int | None], levels: tuple[int, ...], plan: Plan,
+    log: Any, section: str,
+) -> dict[str, Any]:
+    """CPU per token of servers measured *at the same time*, each with its share of ``level`` streams.
+
+    For differences of a few percent: measured one after the other, a server's CPU per token
+    moves by 10% or more from one run to the next on this shared machine; loaded together, on
+    the same CPU, the servers meet the same noise, and each one's CPU is its own process's.
+    ``plan.cpu_rounds`` rounds per level; the percentiles pool every round's tokens.
+    """
+    out: dict[str, Any] = {}
+    reference = targets[0].name
+    for level in levels:
+        each = math.ceil(level / len(targets))
+        runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+        pooled: dict[str, array] = {t.name: array("q") for t in targets}
+        for rep in range(plan.cpu_rounds):
+            results = await asyncio.gather(*(
+                run_streams(
+                    target, each, plan.rate, ramp_s=plan.ramp_s, settle_s=plan.settle_s, measure_s=plan.measure_s,
+                    start_timeout_s=plan.start_timeout_s, server_pid=pids.get(target.name),
+                )
+                for target in targets
+            ))  # fmt: skip
+            figures = {target.name: summarize(result) for target, result in zip(targets, results)}
+            for target, result in zip(targets, results):
+                runs[target.name].append(figures[target.name])
+                pooled[target.name].extend(result.latencies_ns)
+            base = figures[reference]["server_us_per_token"]
+            log(
+                f"{section} {level:>4} streams ({each} each) rep {rep + 1}: "
+                + "  ".join(
+                    f"{name} {f['server_us_per_token']:.1f} µs/token ({f['server_us_per_token'] / base:.3f})"
+                    for name, f in figures.items()
+                )
+                + "".join(f"  FAILED {name} {f['failed_streams']}" for name, f in figures.items() if f["failed_streams"])
+            )
+            await _settle(upstream, plan.settle_s)
+        out[str(level)] = {
+            name: {
+                **latency_ms(pooled[name]),
+                "server_us_per_token": _median(r, "server_us_per_token"),
+                "tokens_per_s": _median(r, "tokens_per_s"),
+                "failed_streams": sum(x["failed_streams"] for x in r),
+                "runs": r,
+            }
+            for name, r in runs.items()
+        }
+    return out
+
+
 # -- added latency -----------------------------------------------------------------------
 
 

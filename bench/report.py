@@ -684,8 +684,122 @@ def _encoding_ratios(r: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+def _paths(r: dict[str, Any]) -> list[str]:
+    p = r.get("paths")
+    if not p:
+        return []
+    lines = [
+        "## The Redis store and a mounted relay",
+        "",
+        "`bench/paths.py`: the same plain-text streams through `tokenwire serve` with the memory store (the "
+        "reference), `tokenwire serve --store redis://` (a `redis-server` of its own, whose CPU is not counted) "
+        "and tokenwire's relay in a user's own FastAPI app on plain uvicorn (`bench/baselines/mounted.py`, "
+        "README.md's example); all three on the relay CPU and loaded *at the same time*, a third of the streams "
+        f"each, in each of {p['repeats']} rounds, with the latency method above (as in the previous section). "
+        "*CPU ×* is the server's CPU µs/token over the reference's in the same round, the median over rounds.",
+        "",
+        "| streams in all | server | p50 ms | p99 ms | server CPU µs/token | CPU × |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for level, rows in p["levels"].items():
+        for name, f in rows.items():
+            lines.append(
+                f"| {level} | {name} | {_f(f['p50_ms'])} | {_f(f['p99_ms'])} | {_f(f['server_us_per_token'], 0)} | "
+                f"{cpu_ratio(rows, name, p['reference']):.2f} |"
+            )
+    return lines + [""]
+
+
+def _paths_goal(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    p = r.get("paths")
+    if not p:
+        return []
+    ratios = {
+        f"{name} at {level}": cpu_ratio(rows, name, p["reference"])
+        for level, rows in p["levels"].items()
+        for name in rows
+        if name != p["reference"]
+    }
+    text = ", ".join(f"{name} {ratio:.2f}×" for name, ratio in ratios.items())
+    return [("Redis store and mounted relay ≤ 1.15× the memory store's CPU per token", text, all(x <= 1.15 for x in ratios.values()))]
+
+
+def _workers(r: dict[str, Any]) -> list[str]:
+    w = r.get("workers")
+    if not w:
+        return []
+    lines = [
+        "## Workers",
+        "",
+        f"`bench/workers.py`: `tokenwire serve --workers N --store redis://`, nothing pinned: the workers, the fake "
+        f"upstream and the load generator share this machine's {w['cpus']} cores. The ceiling search is the ceiling "
+        f"section's ({w['streams']} streams).",
+        "",
+        "| workers | ceiling tokens/s | p99 ms there | server CPU there (cores) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, t in w["targets"].items():
+        lines.append(
+            f"| {name} | {_f(t['ceiling_tokens_per_s'], 0)} | {_f(t['p99_ms'])} | {_f(t['server_cpu'])} |"
+        )
+    redis_us = w.get("redis_us_per_token")
+    if redis_us:
+        lines += [
+            "",
+            f"`redis-server` used {_f(w['redis_cpu'])} of a core at 500 streams × 20 tokens/s through one worker: "
+            f"{_f(redis_us, 1)} µs of its CPU per token. Each worker is its own process with its own event loop, and "
+            "a token costs a worker the same CPU whichever worker runs it; so on a box with cores to spare (the load "
+            "generator elsewhere) the ceiling grows with the workers until Redis's single thread is busy, near "
+            f"{_f(1e6 / redis_us, 0)} tokens/s by that figure.",
+        ]
+    return lines + [""]
+
+
+def _burst(r: dict[str, Any]) -> list[str]:
+    b = r.get("burst")
+    if not b:
+        return []
+    lines = [
+        "## Bursts of new streams",
+        "",
+        f"`bench/burst.py`: {b['background']} streams of 20 tokens/s run; then N streams start at once (their "
+        "connections opened together). *TTFT* is each burst stream's time from its request's write to its first "
+        f"token; *background p99* is the latency of the running streams' tokens written in the {b['window_s']:g} s "
+        "from the burst's start. *Unpinned*: relay, fake upstream and load generator share both cores, as on a box "
+        "one deploys to; *pinned*: the relay on one CPU, the harness on the other. "
+        f"{b['rounds']} rounds per point, the targets in turns; percentiles over all rounds' streams and tokens.",
+        "",
+        "| mode | N at once | target | TTFT p50 ms | TTFT p99 ms | background p50 ms | background p99 ms | no first token |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for mode, levels in b["modes"].items():
+        for level, targets in levels.items():
+            for name, f in targets.items():
+                lines.append(
+                    f"| {mode} | {level} | {name} | {_f(f['ttft_p50_ms'], 1)} | {_f(f['ttft_p99_ms'], 1)} | "
+                    f"{_f(f['background_p50_ms'])} | {_f(f['background_p99_ms'])} | {f['no_first_token']} |"
+                )
+    return lines + [""]
+
+
+def _burst_goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    unpinned = (r.get("burst") or {}).get("modes", {}).get("unpinned", {})
     out: list[tuple[str, str, bool | None]] = []
+    at_200 = unpinned.get("200", {}).get("tokenwire")
+    if at_200:
+        p50 = at_200["ttft_p50_ms"]
+        out.append(("TTFT p50 ≤ 20 ms, 200 streams started at once, unpinned", f"{_f(p50, 1)} ms", p50 <= 20))
+    at_500 = unpinned.get("500", {}).get("tokenwire")
+    if at_500:
+        p99 = at_500["background_p99_ms"]
+        out.append(
+            ("running streams' p99 ≤ 5 ms during a 500-stream burst, unpinned", f"{_f(p99)} ms", p99 <= 5)
+        )
+    return out
+
+
+def goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    out: list[tuple[str, str, bool | None]] = _burst_goals(r) + _paths_goal(r)
     ratios = _encoding_ratios(r)
     if ratios:
         text = ", ".join(f"{name} {ratio:.2f}×" for name, ratio in ratios.items())
@@ -796,7 +910,7 @@ def render(r: dict[str, Any]) -> str:
         ),
         "",
     ]
-    for section in (_goals, _machine, _method, _latency, _ceiling, _cancel, _memory, _upstream_client, _encodings, _baseline, _local, _parsers, _profile, _soak, _faults, _abuse):
+    for section in (_goals, _machine, _method, _latency, _ceiling, _cancel, _memory, _upstream_client, _encodings, _paths, _workers, _burst, _baseline, _local, _parsers, _profile, _soak, _faults, _abuse):
         lines += section(r)
     return "\n".join(lines).rstrip() + "\n"
 

@@ -14,11 +14,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+TESTS = ROOT / "tests"
 
 
 # Admission limits (512 streams, 32 per key by default) are policy, not speed: the benchmarks
@@ -119,8 +122,11 @@ def tokenwire_serve(name: str, *flags: str, port: int | None = None) -> Server:
     return Server(name, [*argv, *flags], port)
 
 
-def tokenwire(upstream_url: str, *, port: int | None = None, name: str = "tokenwire") -> Server:
+def tokenwire(
+    upstream_url: str, *, port: int | None = None, name: str = "tokenwire", store: str = "memory", workers: int = 1
+) -> Server:
     flags = ["--provider", "openai", "--base-url", upstream_url, "--model", "fake", *NO_ADMISSION_LIMITS]
+    flags += ["--store", store] + (["--workers", str(workers)] if workers != 1 else [])
     return tokenwire_serve(name, *flags, port=port)
 
 
@@ -144,3 +150,14 @@ def relays(upstream_url: str) -> list[Server]:
 
 def local_tokenwire(*, port: int | None = None) -> Server:
     return tokenwire_serve("tokenwire-local", "--provider", "local", *NO_ADMISSION_LIMITS, port=port)
+
+
+@contextmanager
+def redis_store() -> Iterator[str]:
+    """A fresh ``redis-server`` for the bench, by the tests' own ``run_redis_server`` (one implementation)."""
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    from redis_server import run_redis_server
+
+    with run_redis_server() as url:
+        yield url

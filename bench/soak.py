@@ -35,11 +35,8 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,9 +46,8 @@ import httptools
 from tokenwire._sse import SSEDecoder
 
 from .loadgen import _cpu_seconds
-from .servers import Server, rss_kib, tokenwire_serve
+from .servers import Server, redis_store, rss_kib, tokenwire_serve
 
-TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 FULL_S = 600.0  # per store, `make bench`
 QUICK_S = 30.0  # per store, `python -m bench --quick`
@@ -231,17 +227,6 @@ def server_for(store: str, *, port: int | None = None) -> Server:
     """``tokenwire serve --provider scripted`` with ``store`` ("memory" or a redis:// URL), default limits."""
     name = f"tokenwire-soak-{store_label(store)}"
     return tokenwire_serve(name, "--provider", "scripted", "--store", store, port=port)
-
-
-@contextmanager
-def redis_store() -> Iterator[str]:
-    """A fresh ``redis-server`` for the bench, by the tests' own ``run_redis_server`` (one implementation)."""
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-    from redis_server import run_redis_server
-
-    with run_redis_server() as url:
-        yield url
 
 
 class _Tally:
