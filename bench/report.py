@@ -746,7 +746,8 @@ def _workers(r: dict[str, Any]) -> list[str]:
     if redis_us:
         lines += [
             "",
-            f"`redis-server` used {_f(w['redis_cpu'])} of a core at 500 streams × 20 tokens/s through one worker: "
+            f"`redis-server` used {_f(w['redis_cpu'])} of a core while one worker relayed "
+            f"{_f(w['redis_cpu'] / redis_us * 1e6, 0)} tokens/s (500 streams offered 20 tokens/s each): "
             f"{_f(redis_us, 1)} µs of its CPU per token. Each worker is its own process with its own event loop, and "
             "a token costs a worker the same CPU whichever worker runs it; so on a box with cores to spare (the load "
             "generator elsewhere) the ceiling grows with the workers until Redis's single thread is busy, near "
