@@ -1,6 +1,7 @@
 """The fixtures of a module that tests tokenwire in front of one fake OpenAI upstream.
 
     shared_upstream, base_url, upstream = relayed_upstream_fixtures()
+    shared_upstream, upstream = upstream_fixtures()  # a module that serves tokenwire its own way
 
 ``shared_upstream``: the module's FakeOpenAIUpstream; ``base_url``: a real uvicorn serving
 ``create_app`` with the openai provider in front of it (model ``served-model``); ``upstream``: the
@@ -21,20 +22,26 @@ from tokenwire.providers.openai import OpenAIProvider
 MODEL = "served-model"
 
 
-def relayed_upstream_fixtures() -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+def upstream_fixtures() -> tuple[Callable[..., Any], Callable[..., Any]]:
     @pytest.fixture(scope="module")
     def shared_upstream() -> Iterator[FakeOpenAIUpstream]:
         with FakeOpenAIUpstream() as fake:
             yield fake
+
+    @pytest.fixture
+    def upstream(shared_upstream: FakeOpenAIUpstream) -> FakeOpenAIUpstream:
+        return shared_upstream.reset()
+
+    return shared_upstream, upstream
+
+
+def relayed_upstream_fixtures() -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+    shared_upstream, upstream = upstream_fixtures()
 
     @pytest.fixture(scope="module")
     def base_url(shared_upstream: FakeOpenAIUpstream) -> Iterator[str]:
         provider = OpenAIProvider(shared_upstream.url + "/v1", model=MODEL)
         with serve_app(create_app(Settings(), provider=provider)) as url:
             yield url
-
-    @pytest.fixture
-    def upstream(shared_upstream: FakeOpenAIUpstream) -> FakeOpenAIUpstream:
-        return shared_upstream.reset()
 
     return shared_upstream, base_url, upstream

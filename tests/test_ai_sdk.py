@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -24,6 +24,7 @@ from tokenwire._ai_sdk import UIMessageFormat, translate
 from tokenwire._events import Done, Error, Start, Token, Usage, encode_event
 from tokenwire._exceptions import RequestError
 from tokenwire._validation import parse_stream_request
+from relayed_upstream import upstream_fixtures
 
 PNG = "data:image/png;base64,iVBORw0KGgo="
 redis_url = redis_url_fixture()
@@ -164,15 +165,7 @@ def serve_chats(upstream: FakeOpenAIUpstream, store: Any, **settings: Any) -> An
     return serve_app(app)
 
 
-@pytest.fixture(scope="module")
-def shared_upstream() -> Iterator[FakeOpenAIUpstream]:
-    with FakeOpenAIUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture
-def upstream(shared_upstream: FakeOpenAIUpstream) -> FakeOpenAIUpstream:
-    return shared_upstream.reset()
+shared_upstream, upstream = upstream_fixtures()
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import pytest
 from fakes import FakeOpenAIUpstream, post_without_reading, serve_app, wait_until
 from tokenwire import Settings, create_app
 from tokenwire.providers.openai import OpenAIProvider
+from relayed_upstream import upstream_fixtures
 
 MODEL = "served-model"
 KEY = "sk-tokenwire-routes-0123456789"
@@ -66,15 +66,7 @@ def finish_of(route: str, raw: bytes) -> str | None:
     return next((c["choices"][0]["finish_reason"] for c in chunks(raw) if c.get("choices") and c["choices"][0]["finish_reason"]), None)
 
 
-@pytest.fixture(scope="module")
-def shared_upstream() -> Iterator[FakeOpenAIUpstream]:
-    with FakeOpenAIUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture
-def upstream(shared_upstream: FakeOpenAIUpstream) -> FakeOpenAIUpstream:
-    return shared_upstream.reset()
+shared_upstream, upstream = upstream_fixtures()
 
 
 @pytest.fixture(params=list(ROUTES))

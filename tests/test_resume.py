@@ -32,6 +32,7 @@ from tokenwire.providers.openai import OpenAIProvider
 from tokenwire.stores.base import LogLimits, StreamStore
 from tokenwire.stores.memory import MemoryStore
 from tokenwire.stores.redis import RedisStore
+from relayed_upstream import upstream_fixtures
 
 redis_url = redis_url_fixture()
 
@@ -45,15 +46,7 @@ LONG = [f" t{i}" for i in range(2000)]  # never finishes within a test at 5 ms p
 # -- fixtures and helpers -----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shared_upstream() -> Iterator[FakeOpenAIUpstream]:
-    with FakeOpenAIUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture
-def upstream(shared_upstream: FakeOpenAIUpstream) -> FakeOpenAIUpstream:
-    return shared_upstream.reset()
+shared_upstream, upstream = upstream_fixtures()
 
 
 StoreFactory = Callable[..., StreamStore]

@@ -29,6 +29,7 @@ import pytest
 
 from fakes import TOKENWIRE, FakeOpenAIUpstream, ServeProcess, free_port, iter_events, run_tokenwire_serve, wait_until
 from redis_server import redis_url_fixture
+from relayed_upstream import upstream_fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -41,15 +42,7 @@ CLOSE_BOUND = 2.0  # s from a DELETE to the upstream seeing its socket closed: g
 ATTEMPTS = 64  # new connections tried before giving up on reaching a worker (each lands on either)
 
 
-@pytest.fixture(scope="module")
-def shared_upstream() -> Iterator[FakeOpenAIUpstream]:
-    with FakeOpenAIUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture
-def upstream(shared_upstream: FakeOpenAIUpstream) -> FakeOpenAIUpstream:
-    return shared_upstream.reset()
+shared_upstream, upstream = upstream_fixtures()
 
 
 @pytest.fixture(scope="module")
