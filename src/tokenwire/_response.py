@@ -215,9 +215,9 @@ class EventStreamResponse(Response):
             await self._send(send, _body(self.opening))
             # Reconnecting is tokenwire's own protocol; another API's clients do not resume.
             self.preamble = encode_retry(relay.options.retry_ms) if self.encode is None else b""
-            # The body skips the middleware, which only looks at the response start.
+            # The body skips the middleware that only looks at the response start (server_send).
             # Following the log means running the server's send inside the generation's task: only
-            # with the server's own send (tokenwire's app), never a middleware's.
+            # with the server's own send, never a middleware's.
             server = scope.get(SERVER_SEND) or server_send(send)
             follow = server is not None
             send = server or send
