@@ -29,7 +29,7 @@ from time import monotonic_ns
 from typing import Any
 
 from . import servers
-from .loadgen import Sink, StreamClient, Target, open_stream, percentile, prompt_for
+from .loadgen import Sink, StreamClient, Target, _ids, open_stream, percentile, prompt_for
 from .upstream import FakeUpstream
 
 LEVELS = (200, 500)
@@ -40,7 +40,6 @@ WINDOW_S = 4.0  # background latency counted over this long from the burst's sta
 FIRST_TOKEN_TIMEOUT_S = 20.0
 MODES = ("unpinned", "pinned")
 
-_round = 0
 
 
 async def _first_tokens(clients: list[StreamClient], timeout: float) -> int:
@@ -53,9 +52,7 @@ async def _first_tokens(clients: list[StreamClient], timeout: float) -> int:
 
 async def burst_once(target: Target, streams: int) -> dict[str, Any]:
     """One round: background streams, then ``streams`` started at once; the figures of both."""
-    global _round
-    _round += 1
-    tag = f"b{_round}"
+    tag = f"b{next(_ids)}"  # the load generator's run counter: prompts unique across sections
     never = 2**63 - 1
     background_sink = Sink(never, never)
     background_tokens = int(RATE * 60)  # a minute's worth: none runs out before the window ends

@@ -637,58 +637,60 @@ def cpu_ratio(rows: dict[str, Any], name: str, base: str) -> float:
     return statistics.median(pairs) if pairs else math.nan
 
 
-def _encodings(r: dict[str, Any]) -> list[str]:
-    e = r.get("encodings")
-    if not e:
-        return []
-    if e.get("simultaneous"):
-        how = (
-            "one `tokenwire serve` per route, all three on the relay CPU and loaded *at the same time*, each with "
-            "a third of the streams (so that whatever slows this shared machine slows all three alike: measured "
-            "one after the other, a route's CPU per token moves by 10% from one run to the next), in each of "
-            f"{e['repeats']} rounds, with the latency method above"
-        )
-    else:
-        how = (
-            f"one tokenwire server, the routes measured in turns in each of {e['repeats']} rounds with the latency "
-            "method above"
-            + (", each round starting with the next route" if e.get("rotated") else "")
-        )
+def _side_by_side_table(section: dict[str, Any], code: bool) -> list[str]:
+    """The table of a section measured with ``relay.side_by_side`` (``code``: names in backticks)."""
     lines = [
-        "## Other APIs' wire formats",
-        "",
-        "`bench/encodings.py`: the same plain-text streams read through `/api/stream` (tokenwire's events, "
-        "written as the log holds them), `/v1/chat/completions` (OpenAI's chunks) and `/api/chat` (the AI SDK's "
-        f"UI message chunks), both written from the log's events: {how}. *CPU ×* is the route's CPU µs/token "
-        "over `/api/stream`'s in the same round, the median over rounds.",
-        "",
-        "| streams in all | route | p50 ms | p99 ms | server CPU µs/token | CPU × |",
+        "| streams in all | server | p50 ms | p99 ms | server CPU µs/token | CPU × |",
         "|---:|---|---:|---:|---:|---:|",
     ]
-    for level, rows in e["levels"].items():
+    for level, rows in section["levels"].items():
         for name, f in rows.items():
+            shown = f"`{name}`" if code else name
             lines.append(
-                f"| {level} | `{name}` | {_f(f['p50_ms'])} | {_f(f['p99_ms'])} | {_f(f['server_us_per_token'], 0)} | "
-                f"{cpu_ratio(rows, name, '/api/stream'):.2f} |"
+                f"| {level} | {shown} | {_f(f['p50_ms'])} | {_f(f['p99_ms'])} | {_f(f['server_us_per_token'], 0)} | "
+                f"{cpu_ratio(rows, name, section['reference']):.2f} |"
             )
     return lines + [""]
 
 
-def _encoding_ratios(r: dict[str, Any]) -> dict[str, float]:
-    e = r.get("encodings") or {"levels": {}}
-    return {
-        f"{name} at {level}": cpu_ratio(rows, name, "/api/stream")
-        for level, rows in e["levels"].items()
+def _side_by_side_goal(section: dict[str, Any] | None, goal: str, limit: float) -> list[tuple[str, str, bool | None]]:
+    """Every server's CPU × over the section's reference, at every level, against ``limit``."""
+    if not section:
+        return []
+    ratios = {
+        f"{name} at {level}": cpu_ratio(rows, name, section["reference"])
+        for level, rows in section["levels"].items()
         for name in rows
-        if name != "/api/stream"
+        if name != section["reference"]
     }
+    text = ", ".join(f"{name} {ratio:.2f}×" for name, ratio in ratios.items())
+    return [(goal, text, all(x <= limit for x in ratios.values()))]
+
+
+def _encodings(r: dict[str, Any]) -> list[str]:
+    e = r.get("encodings")
+    if not e:
+        return []
+    return [
+        "## Other APIs' wire formats",
+        "",
+        "`bench/encodings.py`: the same plain-text streams read through `/api/stream` (tokenwire's events, "
+        "written as the log holds them), `/v1/chat/completions` (OpenAI's chunks) and `/api/chat` (the AI SDK's "
+        "UI message chunks), both written from the log's events: one `tokenwire serve` per route, all three on "
+        "the relay CPU and loaded *at the same time*, each with a third of the streams (so that whatever slows "
+        "this shared machine slows all three alike: measured one after the other, a route's CPU per token moves "
+        f"by 10% from one run to the next), in each of {e['repeats']} rounds, with the latency method above. "
+        "*CPU ×* is the route's CPU µs/token over `/api/stream`'s in the same round, the median over rounds.",
+        "",
+        *_side_by_side_table(e, code=True),
+    ]
 
 
 def _paths(r: dict[str, Any]) -> list[str]:
     p = r.get("paths")
     if not p:
         return []
-    lines = [
+    return [
         "## The Redis store and a mounted relay",
         "",
         "`bench/paths.py`: the same plain-text streams through `tokenwire serve` with the memory store (the "
@@ -698,30 +700,8 @@ def _paths(r: dict[str, Any]) -> list[str]:
         f"each, in each of {p['repeats']} rounds, with the latency method above (as in the previous section). "
         "*CPU ×* is the server's CPU µs/token over the reference's in the same round, the median over rounds.",
         "",
-        "| streams in all | server | p50 ms | p99 ms | server CPU µs/token | CPU × |",
-        "|---:|---|---:|---:|---:|---:|",
+        *_side_by_side_table(p, code=False),
     ]
-    for level, rows in p["levels"].items():
-        for name, f in rows.items():
-            lines.append(
-                f"| {level} | {name} | {_f(f['p50_ms'])} | {_f(f['p99_ms'])} | {_f(f['server_us_per_token'], 0)} | "
-                f"{cpu_ratio(rows, name, p['reference']):.2f} |"
-            )
-    return lines + [""]
-
-
-def _paths_goal(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
-    p = r.get("paths")
-    if not p:
-        return []
-    ratios = {
-        f"{name} at {level}": cpu_ratio(rows, name, p["reference"])
-        for level, rows in p["levels"].items()
-        for name in rows
-        if name != p["reference"]
-    }
-    text = ", ".join(f"{name} {ratio:.2f}×" for name, ratio in ratios.items())
-    return [("Redis store and mounted relay ≤ 1.15× the memory store's CPU per token", text, all(x <= 1.15 for x in ratios.values()))]
 
 
 def _workers(r: dict[str, Any]) -> list[str]:
@@ -800,11 +780,13 @@ def _burst_goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
 
 
 def goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
-    out: list[tuple[str, str, bool | None]] = _burst_goals(r) + _paths_goal(r)
-    ratios = _encoding_ratios(r)
-    if ratios:
-        text = ", ".join(f"{name} {ratio:.2f}×" for name, ratio in ratios.items())
-        out.append(("OpenAI and AI SDK formats ≤ 1.10× /api/stream's CPU per token", text, all(x <= 1.10 for x in ratios.values())))
+    out: list[tuple[str, str, bool | None]] = _burst_goals(r)
+    out += _side_by_side_goal(
+        r.get("paths"), "Redis store and mounted relay ≤ 1.15× the memory store's CPU per token", 1.15
+    )
+    out += _side_by_side_goal(
+        r.get("encodings"), "OpenAI and AI SDK formats ≤ 1.10× /api/stream's CPU per token", 1.10
+    )
     b = r.get("baseline")
     if b:
         ratios = {level: cpu_ratio(rows, "now", b["revision"]) for level, rows in b["levels"].items()}
