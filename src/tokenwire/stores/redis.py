@@ -712,6 +712,11 @@ class RedisStore(StreamStore):
         if self._down_since is not None:
             raise self._unavailable()
         try:
+            owned = self._owned.get(stream_id)
+            if owned is not None and after < owned.last:
+                # Written here, and Redis has more than the reader: a read, not a blocking
+                # connection held for it (readers here follow once caught up, see follow()).
+                return await self._read_now(stream_id, after)
             if 0 < after <= self._known_open.get(stream_id, 0):
                 # The entry at the cursor exists and is not the last one: wait for what follows.
                 result = await self._read_blocking(stream_id, after, timeout)
