@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager, suppress
 from typing import TypeVar
 
 import pytest
+from redis.asyncio import ConnectionPool
 
 from redis_server import redis_url_fixture
 from tokenwire import ConfigError
@@ -309,6 +310,43 @@ def test_redis_hands_events_only_to_readers_where_they_are_written(redis_url: st
             store._went_down(ConnectionError("test"))
             assert follower.released == 1
             assert not store.follow(meta.stream_id, 2, RecordingFollower())
+
+    run(main)
+
+
+def pooled(pool: ConnectionPool) -> int:
+    """The connections ``pool`` has opened and keeps, idle or in use."""
+    return len(pool._available_connections) + len(pool._in_use_connections)
+
+
+def test_redis_readers_where_a_stream_is_written_wait_without_a_connection_of_their_own(redis_url: str) -> None:
+    """Held blocking connections would grow the pool to the most readers ever waiting at once."""
+    backend = RedisBackend(redis_url)
+
+    async def main() -> None:
+        async with opened(backend.new()) as store:
+            assert isinstance(store, RedisStore)
+            metas = [new_meta() for _ in range(20)]
+            for meta in metas:
+                await store.create(meta)
+            readers = [asyncio.create_task(store.read(meta.stream_id, 0, timeout=10)) for meta in metas]
+            await asyncio.sleep(0.2)
+            assert not any(reader.done() for reader in readers)
+            for meta in metas:
+                await store.append(meta.stream_id, 1, event(1))
+            assert await asyncio.gather(*readers) == [ReadResult([event(1)], 1, False)] * len(metas)
+            # The terminal event wakes a waiting reader too, and a stream whose writer let go of it
+            # (discarded) is read as Redis has it.
+            ending = asyncio.create_task(store.read(metas[0].stream_id, 1, timeout=10))
+            dropped = asyncio.create_task(store.read(metas[1].stream_id, 1, timeout=10))
+            await asyncio.sleep(0.2)
+            await store.append(metas[0].stream_id, 2, event(2), terminal=True)
+            assert await asyncio.wait_for(ending, 5) == ReadResult([event(2)], 2, True)
+            await store.discard(metas[1].stream_id)
+            with pytest.raises(StreamNotFound):
+                await asyncio.wait_for(dropped, 5)
+            assert pooled(store._blocking_pool) == 0
+            assert all(not owned.followers for owned in store._owned.values())  # no waker left behind
 
     run(main)
 
@@ -788,17 +826,20 @@ def test_a_resume_after_the_writers_lease_expired_ends_the_stream_at_once(redis_
 def test_a_blocking_read_outlasts_redis_pys_default_socket_timeout(redis_url: str) -> None:
     """redis-py 8 gives a connection a 5 s socket timeout unless told otherwise: a longer block failed."""
 
+    backend = RedisBackend(redis_url)
+
     async def main() -> None:
-        store = RedisBackend(redis_url).new()
-        assert isinstance(store, RedisStore)
-        async with opened(store):
+        # A replica that does not write the stream: only its readers block in Redis.
+        async with opened(backend.new()) as writer, opened(backend.replica(writer)) as store:
+            assert isinstance(store, RedisStore)
             meta = new_meta()
-            await store.create(meta)
-            await append_events(store, meta.stream_id, range(1, 2))
+            await writer.create(meta)
+            await append_events(writer, meta.stream_id, range(1, 2))
             await store.read(meta.stream_id, 0, timeout=0)  # the next read of the cursor blocks at once
             started = time.monotonic()
             assert await store.read(meta.stream_id, 1, timeout=7) == ReadResult([], 1, False)
             assert time.monotonic() - started >= 7 - 0.1
+            assert pooled(store._blocking_pool) == 1  # it did block there
             assert store._blocking_pool.connection_kwargs["socket_timeout"] > MAX_BLOCK  # never shorter than a block
 
     run(main, deadline=40)

@@ -43,7 +43,9 @@ one blocking ``XREAD`` when the cursor is an entry this process has already seen
 the terminal one -- every read of a response but its first -- otherwise one Lua script (existence,
 trimming, ownership, ``XRANGE`` with an exclusive start), followed by the blocking ``XREAD`` only
 when the reader has caught up.  ``XREAD`` from an explicit id returns at once when entries are
-waiting, so a reader never misses an event appended between the two.
+waiting, so a reader never misses an event appended between the two.  A reader of a stream this
+replica writes never blocks in Redis: it waits for the writer's own word that the next event is in
+Redis (or is handed each event, see ``follow``), then reads with the script.
 
 Connections and timeouts.  A blocking ``XREAD`` holds its connection until an event comes or its
 block time passes, so waiting readers get a pool of their own, ``max_blocking_readers``
@@ -302,6 +304,23 @@ class _Owned:
         followers, self.followers = self.followers, []
         for follower in followers:
             follower.release()
+
+
+class _Waker:
+    """A follower that only wakes a reader of a stream written here: the reader then reads it."""
+
+    __slots__ = ("woken",)
+
+    def __init__(self, woken: asyncio.Future[None]) -> None:
+        self.woken = woken
+
+    def __call__(self, data: bytes, terminal: bool) -> bool:
+        self.release()
+        return False
+
+    def release(self) -> None:
+        if not self.woken.done():
+            self.woken.set_result(None)
 
 
 class RedisStore(StreamStore):
@@ -713,9 +732,11 @@ class RedisStore(StreamStore):
             raise self._unavailable()
         try:
             owned = self._owned.get(stream_id)
-            if owned is not None and after < owned.last:
-                # Written here, and Redis has more than the reader: a read, not a blocking
-                # connection held for it (readers here follow once caught up, see follow()).
+            if owned is not None:
+                # Written here: what a reader waits for is announced here, so it waits for that
+                # (no blocking connection held for it), then reads what Redis has.
+                if after == owned.last and timeout > 0 and not owned.pending:
+                    await self._next_write(owned, timeout)
                 return await self._read_now(stream_id, after)
             if 0 < after <= self._known_open.get(stream_id, 0):
                 # The entry at the cursor exists and is not the last one: wait for what follows.
@@ -728,6 +749,20 @@ class RedisStore(StreamStore):
             return await self._read_blocking(stream_id, after, timeout) or result
         except _UNREACHABLE as exc:
             raise self._went_down(exc) from None
+
+    @staticmethod
+    async def _next_write(owned: _Owned, timeout: float) -> None:
+        """Until ``owned``'s next event is in Redis, its writer lets go of it, or ``timeout`` passes."""
+        waker = _Waker(asyncio.get_running_loop().create_future())
+        owned.followers.append(waker)
+        try:
+            async with asyncio.timeout(timeout):
+                await waker.woken
+        except TimeoutError:
+            pass
+        finally:
+            if waker in owned.followers:
+                owned.followers.remove(waker)
 
     async def _read_now(self, stream_id: str, after: int) -> ReadResult:
         keys = [self._meta_key(stream_id), self._log_key(stream_id)]
