@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -37,6 +38,7 @@ from ._response import (
 )
 from ._validation import invalid, parse_stream_request
 from .providers.base import Provider
+from .providers.doctor import DOCTOR_MODEL, HEADER, Diagnostics, Plan
 from .stores.base import StoreUnavailable, StreamMeta, StreamStore
 
 logger = logging.getLogger("tokenwire")
@@ -47,6 +49,7 @@ MAX_IDEMPOTENCY_KEY = 255
 AI_SDK_HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
 # The status of a whole answer (OpenAI's stream: false) whose stream ended with an error.
 ANSWER_ERROR_STATUS = {"upstream_error": 502, "upstream_timeout": 504, "replica_lost": 503, "store_unavailable": 503}
+NO_HEARTBEAT = 86400.0  # a doctor stream's "heartbeat": false
 HEALTH_CHECK_TIMEOUT = 1.0  # seconds /healthz waits for the store before calling it down
 
 
@@ -101,13 +104,19 @@ def create_app(
 ) -> Starlette:
     """The tokenwire server.  Pass a ``provider`` (or a whole ``relay``) to override the settings'.
 
+    With ``settings.diagnostics`` the provider is wrapped to serve ``tokenwire doctor``'s
+    test streams too (not a ``relay`` passed whole: that one is used as it is).
+
     ``shared_metrics``: for one of several workers (``tokenwire serve --workers N``), where
     ``/metrics`` adds up the figures of all of them.
     """
     settings = settings or Settings()
     if relay is None:
+        provider = provider or settings.create_provider()
+        if settings.diagnostics:
+            provider = Diagnostics(provider, heartbeat=settings.heartbeat, idle_timeout=settings.idle_timeout)
         relay = Relay(
-            provider or settings.create_provider(),
+            provider,
             store=store if store is not None else settings.create_store(),
             options=settings.relay_options(),
         )
@@ -145,6 +154,8 @@ class _Routes:
         self.started = int(time.time())  # the models' "created"
         self.index_html = _static("index.html")
         self.client_js = _static("tokenwire.js")
+        # tokenwire doctor's test streams, if the server serves them (--diagnostics).
+        self.doctor = relay.provider if isinstance(relay.provider, Diagnostics) else None
 
     def table(self) -> list[Route]:
         return [
@@ -159,6 +170,7 @@ class _Routes:
             Route("/api/chat/{chat_id}/stream", self.get_chat_stream, methods=["GET"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.list_models, methods=["GET"]),
+            *([Route("/api/doctor/{stream_id}", self.doctor_report, methods=["GET"])] if self.doctor else []),
         ]
 
     async def refuse(self, request: Request, exc: Exception) -> Response:
@@ -198,8 +210,51 @@ class _Routes:
             ) from None
 
     async def post_stream(self, request: Request) -> Response:
-        meta, _ = await self.start(request)
+        if self.doctor is None:
+            meta, _ = await self.start(request)
+            return EventStreamResponse(self.relay, meta)
+        meta, body = await self.start(request, lambda body: (body, body))
+        if meta.model == DOCTOR_MODEL and not Plan.of(parse_stream_request(body).generation).heartbeat:
+            # A doctor stream that finds where the proxy chain cuts a quiet connection.
+            return EventStreamResponse(self.relay, meta, heartbeat=NO_HEARTBEAT)
         return EventStreamResponse(self.relay, meta)
+
+    async def doctor_report(self, request: Request) -> Response:
+        """``GET /api/doctor/{id}``: how far a doctor stream's generation got, and why it stopped.
+
+        Only for the caller's own doctor streams: any other stream is a 404, as one that does not exist.
+        """
+        assert self.doctor is not None
+        meta = await self.relay.get(request.path_params["stream_id"], self.principal_of(request))
+        if meta is None or meta.model != DOCTOR_MODEL:
+            raise not_found()
+        events: list[dict[str, Any]] = []
+        after, ended = 0, False
+        try:
+            while True:  # a read may return part of the log (the Redis store's read batch)
+                result = await self.relay.store.read(meta.stream_id, after, timeout=0)
+                events += (json.loads(entry[entry.index(b"data: ") + 6 :]) for entry in result.entries)
+                ended = result.ended
+                if ended or result.next_seq == after:
+                    break
+                after = result.next_seq
+        except LookupError:
+            raise not_found() from None
+        nonce = next(
+            (json.loads(e["text"][len(HEADER) :])["nonce"] for e in events[:3]
+             if e["type"] == "token" and e["text"].startswith(HEADER)),
+            None,
+        )  # fmt: skip
+        record = self.doctor.record(nonce) if nonce else None
+        return JSONResponse(
+            {
+                "stream_id": meta.stream_id,
+                "ended": ended,
+                "end": events[-1] if ended else None,
+                # This replica's record of the generation (None if it ran on another replica).
+                "generation": None if record is None else dataclasses.asdict(record),
+            }
+        )
 
     async def start(
         self, request: Request, translate: Callable[[Any], tuple[Any, T]] | None = None

@@ -114,6 +114,13 @@ class Settings:
         doc="make every `/api/chat` stream resumable, as if its body had `\"resumable\": true` "
         "(for `useChat({resume: true})` apps that cannot add it)",
     )
+    diagnostics: bool = setting(
+        False,
+        "serve test streams and GET /api/doctor/{id} for `tokenwire doctor` (same API keys)",
+        doc="serve the `tokenwire-doctor` model's test streams and `GET /api/doctor/{id}`, for "
+        "[`tokenwire doctor`](#is-the-proxy-chain-streaming-tokenwire-doctor); they take the same API keys "
+        "as every stream and show a key only its own doctor streams",
+    )
     retry_ms: int = setting(
         1000,
         "reconnection delay sent to clients as 'retry:'",

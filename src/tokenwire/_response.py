@@ -155,7 +155,8 @@ class EventStreamResponse(Response):
     endpoint can return it as it is (FastAPI passes a ``Response`` through
     untouched, and runs its ``background`` once the stream has ended).
     ``headers`` are added to the stream's own; they can also be set later
-    through ``response.headers``, until the response starts.
+    through ``response.headers``, until the response starts.  ``heartbeat`` replaces the
+    relay's interval between keepalives for this response.
     """
 
     media_type = "text/event-stream"
@@ -169,8 +170,10 @@ class EventStreamResponse(Response):
         headers: Mapping[str, str] | None = None,
         background: BackgroundTask | None = None,
         wire: WireFormat | None = None,
+        heartbeat: float | None = None,
     ) -> None:
         self.relay = relay
+        self.heartbeat = heartbeat or relay.options.heartbeat  # seconds of silence before a keepalive
         # None for tokenwire's own events: the log's bytes go out as they are, at no cost.
         self.encode = wire.encode if wire is not None else None
         self.opening = wire.opening if wire is not None else OPENING
@@ -267,7 +270,7 @@ class EventStreamResponse(Response):
         """
         self.writer = asyncio.current_task()
         store = self.relay.store
-        heartbeat = self.relay.options.heartbeat
+        heartbeat = self.heartbeat
         stream_id = self.meta.stream_id
         lease = READER_LEASE if self.meta.resumable else 0.0
         loop = asyncio.get_running_loop()
@@ -338,7 +341,7 @@ class EventStreamResponse(Response):
         restarted without persistence, until the stream's writer restores it).
         """
         store = self.relay.store
-        heartbeat = self.relay.options.heartbeat
+        heartbeat = self.heartbeat
         loop = asyncio.get_running_loop()
         give_up = loop.time() + store.outage_timeout
         delay = 0.05
