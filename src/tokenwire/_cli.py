@@ -1,4 +1,4 @@
-"""The command line: ``tokenwire serve`` and ``tokenwire ask``."""
+"""The command line: ``tokenwire serve``, ``tokenwire ask`` and ``tokenwire doctor``."""
 
 from __future__ import annotations
 
@@ -45,6 +45,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"environment variable holding the server's API key (default {ASK_KEY_ENV}; none if unset)",
     )
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="find the hop that buffers, compresses or cuts a deployed stream",
+        description="Run test streams through URL (the stream route a browser calls, e.g. "
+        "https://chat.example.com/api/stream) and judge what arrives. A tokenwire server started with "
+        "--diagnostics gets every check; any other SSE endpoint the client-side ones. Exits 1 if a check "
+        "fails, 2 if the doctor cannot run.",
+    )
+    doctor.add_argument("url")
+    doctor.add_argument(
+        "--header", action="append", default=[], metavar="'NAME: VALUE'",
+        help="a header for every request (repeat it), e.g. --header 'Authorization: Bearer <key>'",
+    )  # fmt: skip
+    doctor.add_argument(
+        "--body", metavar="JSON",
+        help="the JSON body to POST to a server that is not tokenwire (default: GET); for tokenwire, fields "
+        "added to the test streams' bodies",
+    )  # fmt: skip
+    doctor.add_argument(
+        "--idle", type=float, metavar="SECONDS",
+        help="also check a stream silent for SECONDS, with the server's heartbeats and without",
+    )  # fmt: skip
+    doctor.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per test stream")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -79,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "doctor":
+            return doctor(args)
         return ask(args)
     except ConfigError as exc:
         print(f"tokenwire: {exc}", file=sys.stderr)
@@ -91,6 +118,32 @@ def serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env(**{f.name: getattr(args, f.name) for f in fields(Settings)})
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     return serve(settings)
+
+
+def doctor(args: argparse.Namespace) -> int:
+    from ._doctor import DoctorError, run_doctor
+
+    headers = {}
+    for header in args.header:
+        name, colon, value = header.partition(":")
+        if not colon or not name.strip():
+            raise ConfigError(f"--header {header!r}: write it as 'Name: value'")
+        headers[name.strip()] = value.strip()
+    body = None
+    if args.body is not None:
+        try:
+            body = json.loads(args.body)
+        except ValueError as exc:
+            raise ConfigError(f"--body is not valid JSON: {exc}") from None
+    if args.idle is not None and args.idle <= 0:
+        raise ConfigError("--idle must be a number of seconds above 0")
+    try:
+        report = asyncio.run(run_doctor(args.url, headers=headers, body=body, idle=args.idle, timeout=args.timeout))
+    except DoctorError as exc:
+        print(f"tokenwire doctor: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
+    return 1 if report.failed else 0
 
 
 def ask(args: argparse.Namespace) -> int:
