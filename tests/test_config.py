@@ -26,7 +26,7 @@ FIELDS = dataclasses.fields(Settings)
 DEFAULTS = {
     "host": "127.0.0.1", "port": 8000, "workers": "1", "provider": "local", "model_path": "", "base_url": "", "model": "",
     "api_key_env": "", "heartbeat": 15.0, "max_duration": 600.0, "send_timeout": 30.0, "resume_grace": 30.0,
-    "resumable_chats": False, "retry_ms": 1000, "first_token_timeout": 120.0, "idle_timeout": 60.0, "connect_timeout": 10.0,
+    "resumable_chats": False, "diagnostics": False, "retry_ms": 1000, "first_token_timeout": 120.0, "idle_timeout": 60.0, "connect_timeout": 10.0,
     "max_body": 1048576, "auth_keys_file": "", "max_streams": 512, "max_streams_per_key": 32,
     "head_timeout": 10.0, "body_timeout": 30.0, "max_header_bytes": 65536, "max_connections": 2048,
     "cors_origins": "", "config": "", "store": "memory", "log_level": "info",

@@ -455,12 +455,18 @@ def check_buffering(got: Capture, points: list[tuple[int, float, Arrived]], inte
         "lag_p50_ms": round(statistics.median(late) * 1000, 2),
         "lag_max_ms": round(max(late) * 1000, 2),
         "send_span_s": round(points[-1][1] - points[0][1], 4),
+        # The gaps between two events as sent, and as they arrived.
+        "gap_sent_median_ms": round(statistics.median(b[1] - a[1] for a, b in zip(points, points[1:])) * 1000, 2),
+        "gap_arrived_median_ms": round(
+            statistics.median(b.at - a.at for a, b in zip(arrivals, arrivals[1:])) * 1000, 2
+        ),
         "arrival_span_s": round(arrivals[-1].at - arrivals[0].at, 4),
         "batches": len(bursts),
     }
     if max(late) <= max(0.2, 3 * interval):
         summary = (f"{len(points)} events arrived as they were sent: {_ms(statistics.median(late))} late at the "
-                   f"median, {_ms(max(late))} at most (first byte after {_ms(got.reads[0][0])})")  # fmt: skip
+                   f"median, {_ms(max(late))} at most (first byte after {_ms(got.reads[0][0])}, first event "
+                   f"after {_ms(arrivals[0].at)})")  # fmt: skip
         return Check("buffering", "pass", summary, evidence)
     biggest = max(bursts, key=len)
     if len(biggest) >= 0.8 * len(points):
