@@ -38,7 +38,8 @@ replica restores each stream it writes from the last ``restore_tail`` events it 
 resume from their cursor as if nothing happened (a reader further behind is told it fell
 behind).  Idempotency keys and reader leases are not restored.
 
-Round trips: ``append`` is one Lua script (add, trim to ``limits``, refresh expiries).  ``read`` is
+Round trips: ``append`` is one Lua script (add, trim to ``limits``, refresh expiries), called once
+per turn of the event loop for the appends of every stream written to in that turn.  ``read`` is
 one blocking ``XREAD`` when the cursor is an entry this process has already seen and knows is not
 the terminal one -- every read of a response but its first -- otherwise one Lua script (existence,
 trimming, ownership, ``XRANGE`` with an exclusive start), followed by the blocking ``XREAD`` only
@@ -92,7 +93,6 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._exceptions import ConfigError
@@ -123,43 +123,56 @@ BLOCK_MARGIN = 5.0  # the blocking connections' socket timeout is MAX_BLOCK + th
 COMMAND_TIMEOUT = 5.0  # socket timeout of every other command
 CONNECT_TIMEOUT = 2.0
 
-# KEYS: meta, log[, idempotency key]
-# ARGV: seq, data, terminal (0/1), max_events, max_bytes, running_ttl_ms, ttl_ms
-# Returns 1 (added), 0 (a retry of an append that landed), 2 or 3 (the same, and a cancel was asked).
+# Appends of several streams in one call: every stream a loop turn wrote to (see RedisStore._send_appends).
+# KEYS: three per append: meta, log, idempotency key ('' if none).
+# ARGV: max_events, max_bytes, running_ttl_ms, then four per append: seq, data, terminal (0/1), ttl_ms.
+# Returns a status per append: 1 (added), 0 (a retry of an append that landed), 2 or 3 (the same,
+# and a cancel was asked); -1 no such stream (expired?), -2 the stream already has its terminal
+# event, -3 seq is not the next one.
 _APPEND = """
-local m = redis.call('HMGET', KEYS[1], 'last', 'first', 'nbytes', 'ended', 'cancel')
-if not m[1] then return redis.error_reply('NOSTREAM no such stream (expired?)') end
-local cancel = m[5] == '1' and 2 or 0
-local seq, last = tonumber(ARGV[1]), tonumber(m[1])
-local ended = m[4] == '1'
--- A retry of an append that landed; but a non-terminal event where a terminal one stands was
--- not ours: a reader ended the stream (its writer's lease had expired) as it was being sent.
-if seq == last and not (ended and ARGV[3] ~= '1') then return cancel end
-if ended then return redis.error_reply('ENDED the stream already has its terminal event') end
-if seq ~= last + 1 then return redis.error_reply('BADSEQ seq ' .. ARGV[1] .. ' after ' .. m[1]) end
-local terminal = ARGV[3] == '1'
-if terminal then
-  redis.call('XADD', KEYS[2], '0-' .. ARGV[1], 'd', ARGV[2], 't', '1')
-else
-  redis.call('XADD', KEYS[2], '0-' .. ARGV[1], 'd', ARGV[2])
-end
-local first, nbytes = tonumber(m[2]), tonumber(m[3]) + #ARGV[2]
-local max_events, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
-if seq - first + 1 > max_events or nbytes > max_bytes then
-  -- Drop the oldest entries, keeping at least the newest one (as the memory store does).
-  local keep = first
-  while keep < seq and (seq - keep + 1 > max_events or nbytes > max_bytes) do
-    local old = redis.call('XRANGE', KEYS[2], '0-' .. keep, '0-' .. keep)
-    if old[1] then nbytes = nbytes - #old[1][2][2] end
-    keep = keep + 1
+local max_events, max_bytes, running_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local function append(km, kl, ki, seq_arg, data, terminal_arg, ended_ttl)
+  local m = redis.call('HMGET', km, 'last', 'first', 'nbytes', 'ended', 'cancel')
+  if not m[1] then return -1 end
+  local cancel = m[5] == '1' and 2 or 0
+  local seq, last = tonumber(seq_arg), tonumber(m[1])
+  local ended = m[4] == '1'
+  local terminal = terminal_arg == '1'
+  -- A retry of an append that landed; but a non-terminal event where a terminal one stands was
+  -- not ours: a reader ended the stream (its writer's lease had expired) as it was being sent.
+  if seq == last and not (ended and not terminal) then return cancel end
+  if ended then return -2 end
+  if seq ~= last + 1 then return -3 end
+  if terminal then
+    redis.call('XADD', kl, '0-' .. seq_arg, 'd', data, 't', '1')
+  else
+    redis.call('XADD', kl, '0-' .. seq_arg, 'd', data)
   end
-  redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. keep)
-  first = keep
+  local first, nbytes = tonumber(m[2]), tonumber(m[3]) + #data
+  if seq - first + 1 > max_events or nbytes > max_bytes then
+    -- Drop the oldest entries, keeping at least the newest one (as the memory store does).
+    local keep = first
+    while keep < seq and (seq - keep + 1 > max_events or nbytes > max_bytes) do
+      local old = redis.call('XRANGE', kl, '0-' .. keep, '0-' .. keep)
+      if old[1] then nbytes = nbytes - #old[1][2][2] end
+      keep = keep + 1
+    end
+    redis.call('XTRIM', kl, 'MINID', '0-' .. keep)
+    first = keep
+  end
+  redis.call('HSET', km, 'last', seq_arg, 'first', first, 'nbytes', nbytes, 'ended', terminal and 1 or 0)
+  local ttl = terminal and ended_ttl or running_ttl
+  redis.call('PEXPIRE', km, ttl)
+  redis.call('PEXPIRE', kl, ttl)
+  if ki ~= '' then redis.call('PEXPIRE', ki, ttl) end
+  return 1 + cancel
 end
-redis.call('HSET', KEYS[1], 'last', ARGV[1], 'first', first, 'nbytes', nbytes, 'ended', terminal and 1 or 0)
-local ttl = terminal and ARGV[7] or ARGV[6]
-for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
-return 1 + cancel
+local statuses = {}
+for i = 0, #KEYS / 3 - 1 do
+  local a = 4 + 4 * i
+  statuses[i + 1] = append(KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3], ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
+end
+return statuses
 """
 
 # KEYS: meta, log.  ARGV: after, count, lease key prefix.
@@ -402,6 +415,8 @@ class RedisStore(StreamStore):
         # a cancellation that redis-py swallows (see _relay) must not keep them looping forever.
         self._closing = False
         self._owned: dict[str, _Owned] = {}  # the streams this replica writes
+        self._appends: list[tuple[tuple[Any, ...], asyncio.Future[int]]] = []  # to send in the next call
+        self._sender: asyncio.Task[None] | None = None  # sends them
         # stream id -> idempotency key, for streams this process claimed: refreshed with them.
         self._idempotency_keys: dict[str, str] = {}
         self._pending_bytes = 0  # buffered in all _Owned.pending
@@ -450,6 +465,7 @@ class RedisStore(StreamStore):
         if self._pubsub is not None:
             await self._pubsub.aclose()
             self._pubsub = None
+        await cancel_and_wait(self._sender)  # appends still queued now have no writer waiting for them
         if self._down_since is None:
             try:  # streams still written here have their terminal events by now (Relay.aclose)
                 await self._control.delete(self._lease_prefix + self.replica_id)
@@ -613,36 +629,28 @@ class RedisStore(StreamStore):
             return self._buffer(owned, seq, data, terminal)
 
     async def _write(self, stream_id: str, owned: _Owned | None, seq: int, data: bytes, terminal: bool) -> bool:
-        """One append, straight to Redis; restores a stream of ours that Redis lost."""
-        keys = [self._meta_key(stream_id), self._log_key(stream_id)]
-        idempotency_key = self._idempotency_keys.get(stream_id)
-        if idempotency_key is not None:
-            keys.append(idempotency_key)
-        limits = self.limits
+        """One append, to Redis with the others of this loop turn; restores a stream of ours that Redis lost."""
         resumable = owned.meta.resumable if owned is not None else True
-        args = [
+        item = (
+            self._meta_key(stream_id),
+            self._log_key(stream_id),
+            self._idempotency_keys.get(stream_id, ""),
             seq,
             data,
             int(terminal),
-            limits.max_events,
-            limits.max_bytes,
-            _ms(self.running_ttl),
-            _ms(limits.ttl_for(resumable)),
-        ]
-        try:
-            reply = await self._append(keys=keys, args=args)
-        except ResponseError as exc:
-            message = str(exc)
-            if message.startswith("NOSTREAM"):
-                if owned is None:
-                    raise StreamNotFound(stream_id) from None
-                await self._restore(stream_id, owned)
-                reply = await self._append(keys=keys, args=args)
-            elif message.startswith("ENDED"):
-                self._forget(stream_id)
-                raise StreamEnded(stream_id) from None
-            else:
-                raise ValueError(f"cannot append to {stream_id}: {exc}") from None
+            _ms(self.limits.ttl_for(resumable)),
+        )
+        reply = await self._queue_append(item)
+        if reply == -1:  # no such stream
+            if owned is None:
+                raise StreamNotFound(stream_id)
+            await self._restore(stream_id, owned)
+            reply = await self._queue_append(item)
+        if reply == -2:
+            self._forget(stream_id)
+            raise StreamEnded(stream_id)
+        if reply < 0:
+            raise ValueError(f"cannot append to {stream_id}: seq {seq} does not follow its last event")
         if owned is not None and seq > owned.last:
             if owned.followers:  # readers here get it now that any reader elsewhere can
                 owned.followers = [follower for follower in owned.followers if follower(data, terminal)]
@@ -651,6 +659,51 @@ class RedisStore(StreamStore):
         if terminal:
             self._forget(stream_id)
         return reply >= 2
+
+    def _queue_append(self, item: tuple[Any, ...]) -> asyncio.Future[int]:
+        """``item``'s status once it is in Redis, sent with the others queued (:meth:`_send_appends`)."""
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._appends.append((item, done))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_appends(), name="tokenwire redis appends")
+        return done
+
+    async def _send_appends(self) -> None:
+        """Send the queued appends, all of them in one script call, until none are queued.
+
+        The task starts on the loop turn after the first append was queued, so a call carries
+        every stream that turn wrote to; appends queued while a call runs go in the next one.
+        One call per turn instead of one per event: the cost of a call (the connection, the
+        command, the reply) is most of an append's.
+        """
+        limits = self.limits
+        try:
+            while self._appends:
+                batch, self._appends = self._appends, []
+                keys: list[Any] = []
+                args: list[Any] = [limits.max_events, limits.max_bytes, _ms(self.running_ttl)]
+                for item, _ in batch:
+                    keys += item[:3]
+                    args += item[3:]
+                try:
+                    statuses = await self._append(keys=keys, args=args)
+                except Exception as exc:  # every append of the call failed alike (unreachable, ...)
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                    continue
+                except BaseException:
+                    for _, done in batch:
+                        done.cancel()
+                    raise
+                for (_, done), status in zip(batch, statuses):
+                    if not done.done():  # its writer may have been cancelled meanwhile
+                        done.set_result(status)
+        finally:
+            self._sender = None
+            for _, done in self._appends:  # cancelled with appends queued: they are not sent
+                done.cancel()
+            self._appends.clear()
 
     def _buffer(self, owned: _Owned, seq: int, data: bytes, terminal: bool) -> bool:
         """Keep an event for Redis's return; raise StoreUnavailable (kept all the same) past the bounds."""
