@@ -90,14 +90,25 @@ def through(upstream: str, location: str) -> Any:
     return run_nginx([upstream], location=location)
 
 
+def diagnosed(upstream: str, location: str, **options: Any) -> Report:
+    """The doctor's report on tokenwire at ``upstream`` behind nginx with ``location``'s directives."""
+    with through(upstream, location) as nginx:
+        return doctor(nginx.url + "/api/stream", **options)
+
+
+def only_failure(report: Report, name: str) -> Any:
+    """The check ``name``, which must have failed, alone."""
+    assert [c.name for c in report.failed] == [name], report.render()
+    return check(report, name)
+
+
 # -- nginx, each setup --------------------------------------------------------------
 
 
 @pytest.mark.usefixtures("nginx_executable")
 def test_a_well_configured_nginx_passes_every_check(tokenwire: tuple[str, str]) -> None:
     _, upstream = tokenwire
-    with through(upstream, WELL) as nginx:
-        report = doctor(nginx.url + "/api/stream", idle=IDLE)
+    report = diagnosed(upstream, WELL, idle=IDLE)
     assert report.server == "tokenwire with --diagnostics"
     assert checks(report) == dict.fromkeys(
         ["headers", "buffering", "compression", "cancellation", "resume", "idle"], "pass"
@@ -113,8 +124,7 @@ def test_a_well_configured_nginx_passes_every_check(tokenwire: tuple[str, str]) 
 @pytest.mark.usefixtures("nginx_executable")
 def test_nginx_buffering_is_named_with_the_setting_that_fixes_it(tokenwire: tuple[str, str]) -> None:
     backend, upstream = tokenwire
-    with through(upstream, "proxy_buffering on;\n" + IGNORE_X_ACCEL) as nginx:
-        report = doctor(nginx.url + "/api/stream")
+    report = diagnosed(upstream, "proxy_buffering on;\n" + IGNORE_X_ACCEL)
     buffering = check(report, "buffering")
     if backend == "httptools":  # chunked: nginx passes each read on, nothing to fix
         assert buffering.status == "pass", report.render()
@@ -131,8 +141,7 @@ def test_nginx_buffering_is_named_with_the_setting_that_fixes_it(tokenwire: tupl
 
 @pytest.mark.usefixtures("nginx_executable")
 def test_nginx_gzip_with_buffering_is_named_as_compression_and_buffering(chunked_tokenwire: str) -> None:
-    with through(chunked_tokenwire, f"{IGNORE_X_ACCEL}\n{GZIP}") as nginx:
-        report = doctor(nginx.url + "/api/stream")
+    report = diagnosed(chunked_tokenwire, f"{IGNORE_X_ACCEL}\n{GZIP}")
     assert check(report, "headers").evidence["content_encoding"] == "gzip"
     compression, buffering = check(report, "compression"), check(report, "buffering")
     assert compression.status == "fail" and "gzip-encoded and not event by event" in compression.summary
@@ -151,8 +160,7 @@ def test_nginx_gzip_with_buffering_is_named_as_compression_and_buffering(chunked
 
 @pytest.mark.usefixtures("nginx_executable")
 def test_nginx_gzip_without_buffering_still_streams_and_is_a_warning(chunked_tokenwire: str) -> None:
-    with through(chunked_tokenwire, GZIP) as nginx:  # tokenwire's X-Accel-Buffering: no honoured
-        report = doctor(nginx.url + "/api/stream")
+    report = diagnosed(chunked_tokenwire, GZIP)  # tokenwire's X-Accel-Buffering: no honoured
     assert checks(report)["buffering"] == "pass", report.render()
     compression = check(report, "compression")
     assert compression.status == "warn" and "still event by event" in compression.summary
@@ -161,37 +169,28 @@ def test_nginx_gzip_without_buffering_still_streams_and_is_a_warning(chunked_tok
 
 @pytest.mark.usefixtures("nginx_executable")
 def test_nginx_read_timeout_shorter_than_the_heartbeat_is_named(chunked_tokenwire: str) -> None:
-    with through(chunked_tokenwire, "proxy_read_timeout 1s;") as nginx:
-        report = doctor(nginx.url + "/api/stream", idle=IDLE)
-    idle = check(report, "idle")
-    assert idle.status == "fail", report.render()
+    report = diagnosed(chunked_tokenwire, "proxy_read_timeout 1s;", idle=IDLE)
+    idle = only_failure(report, "idle")
     assert "a hop cut the stream after 1.0 s of quiet" in idle.summary, idle.summary
     assert f"heartbeat every {HEARTBEAT:g} s" in idle.summary
     assert "proxy_read_timeout above tokenwire's --heartbeat" in nginx_fix(report, "idle")
     assert idle.evidence["without_heartbeats"] == "cut after 1.0 s"
-    assert [c.name for c in report.failed] == ["idle"]
 
 
 @pytest.mark.usefixtures("nginx_executable")
 def test_nginx_that_ignores_the_clients_abort_is_named(chunked_tokenwire: str) -> None:
-    with through(chunked_tokenwire, "proxy_ignore_client_abort on;") as nginx:
-        report = doctor(nginx.url + "/api/stream")
-    cancellation = check(report, "cancellation")
-    assert cancellation.status == "fail", report.render()
+    report = diagnosed(chunked_tokenwire, "proxy_ignore_client_abort on;")
+    cancellation = only_failure(report, "cancellation")
     assert "had not seen the client leave" in cancellation.summary
     assert "proxy_ignore_client_abort" in nginx_fix(report, "cancellation")
     assert cancellation.evidence["deleted"] == 204  # the doctor stopped the generation it left running
-    assert [c.name for c in report.failed] == ["cancellation"]
 
 
 @pytest.mark.usefixtures("nginx_executable")
 def test_nginx_that_drops_last_event_id_is_named(chunked_tokenwire: str) -> None:
-    with through(chunked_tokenwire, 'proxy_set_header Last-Event-ID "";') as nginx:
-        report = doctor(nginx.url + "/api/stream")
-    resume = check(report, "resume")
-    assert resume.status == "fail" and "started over from event 1" in resume.summary, report.render()
+    report = diagnosed(chunked_tokenwire, 'proxy_set_header Last-Event-ID "";')
+    assert "started over from event 1" in only_failure(report, "resume").summary
     assert "proxy_set_header Last-Event-ID" in nginx_fix(report, "resume")
-    assert [c.name for c in report.failed] == ["resume"]
 
 
 # -- servers that are not tokenwire, or without --diagnostics ------------------------------
