@@ -351,6 +351,25 @@ def test_redis_readers_where_a_stream_is_written_wait_without_a_connection_of_th
     run(main)
 
 
+def test_redis_appends_go_on_after_redis_forgot_the_script_and_dropped_the_connection(redis_url: str) -> None:
+    """As after a restart: the appends' kept connection is gone and the script cache empty."""
+    backend = RedisBackend(redis_url)
+
+    async def main() -> None:
+        async with opened(backend.new()) as store:
+            assert isinstance(store, RedisStore)
+            meta = new_meta()
+            await store.create(meta)
+            await store.append(meta.stream_id, 1, event(1))
+            await store._redis.script_flush()
+            assert store._append_connection is not None
+            await store._control.execute_command("CLIENT", "KILL", "TYPE", "normal")  # all but its own
+            await store.append(meta.stream_id, 2, event(2))
+            assert await store.read(meta.stream_id, 0, timeout=0) == ReadResult([event(1), event(2)], 2, False)
+
+    run(main)
+
+
 def test_a_log_trimmed_beyond_max_events_says_what_it_still_has(backend: Backend) -> None:
     async def main() -> None:
         async with opened(backend.new(LogLimits(max_events=10))) as store:

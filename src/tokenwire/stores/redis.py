@@ -93,6 +93,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._exceptions import ConfigError
@@ -297,6 +298,15 @@ _KNOWN_OPEN_MAX = 10_000  # streams whose last seen non-terminal seq (and owner)
 _PROBE_INTERVAL = 0.25  # seconds between the keeper's rounds: probes, lease checks, flushes
 
 
+def _pack(*args: bytes | str | int) -> bytes:
+    """One command in RESP, as redis-py would pack it."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
@@ -417,6 +427,7 @@ class RedisStore(StreamStore):
         self._owned: dict[str, _Owned] = {}  # the streams this replica writes
         self._appends: list[tuple[tuple[Any, ...], asyncio.Future[int]]] = []  # to send in the next call
         self._sender: asyncio.Task[None] | None = None  # sends them
+        self._append_connection: Any = None  # on this connection of the command pool, kept
         # stream id -> idempotency key, for streams this process claimed: refreshed with them.
         self._idempotency_keys: dict[str, str] = {}
         self._pending_bytes = 0  # buffered in all _Owned.pending
@@ -466,6 +477,9 @@ class RedisStore(StreamStore):
             await self._pubsub.aclose()
             self._pubsub = None
         await cancel_and_wait(self._sender)  # appends still queued now have no writer waiting for them
+        if self._append_connection is not None:
+            await self._pool.release(self._append_connection)
+            self._append_connection = None
         if self._down_since is None:
             try:  # streams still written here have their terminal events by now (Relay.aclose)
                 await self._control.delete(self._lease_prefix + self.replica_id)
@@ -686,7 +700,7 @@ class RedisStore(StreamStore):
                     keys += item[:3]
                     args += item[3:]
                 try:
-                    statuses = await self._append(keys=keys, args=args)
+                    statuses = await self._call_append(_pack(b"EVALSHA", self._append.sha, len(keys), *keys, *args))
                 except Exception as exc:  # every append of the call failed alike (unreachable, ...)
                     for _, done in batch:
                         if not done.done():
@@ -704,6 +718,35 @@ class RedisStore(StreamStore):
             for _, done in self._appends:  # cancelled with appends queued: they are not sent
                 done.cancel()
             self._appends.clear()
+
+    async def _call_append(self, command: bytes) -> Any:
+        """The appends' script call, on a connection the sender keeps: no pool, no command object.
+
+        The script is idempotent per append (a retried append that landed is a no-op), so a
+        call that fails on its connection is made once more, on a new one.  A Redis that
+        restarted has no script: it is loaded, and the call made again.
+        """
+        reconnected = loaded = False
+        while True:
+            connection = self._append_connection
+            if connection is None:
+                connection = self._append_connection = await self._pool.get_connection()
+            try:
+                await connection.send_packed_command(command, check_health=False)
+                return await connection.read_response()
+            except NoScriptError:  # an error reply, read: the connection is fine
+                if loaded:
+                    raise
+                loaded = True
+                await self._redis.script_load(_APPEND)
+            except BaseException as exc:
+                # An answer left unread, or a broken connection: this connection is done with.
+                self._append_connection = None
+                await connection.disconnect()
+                await self._pool.release(connection)
+                if reconnected or not isinstance(exc, _UNREACHABLE):
+                    raise
+                reconnected = True
 
     def _buffer(self, owned: _Owned, seq: int, data: bytes, terminal: bool) -> bool:
         """Keep an event for Redis's return; raise StoreUnavailable (kept all the same) past the bounds."""
