@@ -50,9 +50,10 @@ Redis (or is handed each event, see ``follow``), then reads with the script.
 
 Connections and timeouts.  A blocking ``XREAD`` holds its connection until an event comes or its
 block time passes, so waiting readers get a pool of their own, ``max_blocking_readers``
-connections (default 1000): appends, claims and the first read of a response use the command
-pool (``max_connections``, default 64, waits up to 10 s for a free connection) and never queue
-behind idle readers -- that queue would stall the very appends the readers wait for.  A blocking
+connections (default 1000): claims and the first read of a response use the command pool
+(``max_connections``, default 64, waits up to 10 s for a free connection), and the appends' calls
+one connection of it that they keep; none queue behind idle readers -- that queue would stall the
+very appends the readers wait for.  A blocking
 read blocks at most ``MAX_BLOCK`` seconds and its connection's socket timeout is longer by
 ``BLOCK_MARGIN``: a read never times out on the socket before Redis answers it, and a dead
 connection is still found.  (Every pool sets its socket timeout: under redis-py's default of 5 s, a
