@@ -573,6 +573,7 @@ class Doctor:
         self.url = url
         self.headers = dict(headers or {})
         self.body = body
+        self.extra = body if isinstance(body, dict) else None  # fields added to the test streams' bodies
         self.idle = idle
         self.timeout = timeout
         self._client = client
@@ -590,8 +591,8 @@ class Doctor:
                              max_time=kwargs.pop("max_time", self.timeout), **kwargs)  # fmt: skip
 
     async def _run(self, client: httpx.AsyncClient) -> Report:
-        extra = self.body if isinstance(self.body, dict) else None
-        first = await self._stream(client, doctor_body(extra, events=EVENTS, interval_ms=INTERVAL_MS, size=SIZE))
+        plan = {"events": EVENTS, "interval_ms": INTERVAL_MS, "size": SIZE}
+        first = await self._stream(client, doctor_body(self.extra, **plan))
         if first.ended == "cut" and first.status == 0:
             raise DoctorError(f"cannot reach {self.url}: {first.error}")
         if first.status == 401:
@@ -645,7 +646,8 @@ class Doctor:
 
     async def _report(self, client: httpx.AsyncClient, stream_id: str) -> dict[str, Any] | None:
         response = await client.get(_sibling(self.url, "doctor", stream_id), headers=self.headers)
-        return response.json() if response.status_code == 200 else None
+        report = _json(response.text) if response.status_code == 200 else None
+        return report if isinstance(report, dict) and "generation" in report else None  # not a hop's page
 
     async def _cancellation(self, client: httpx.AsyncClient, idle_timeout: float, buffering: Check) -> Check:
         """Abort a stream while it is quiet; the server says whether and when its generation stopped.
@@ -655,7 +657,7 @@ class Doctor:
         """
         gap = min(CANCEL_WAIT + 2, idle_timeout * 0.9)
         plan = {"events": 6, "interval_ms": 20, "size": SIZE, "idle_after": 3, "idle_s": gap, "heartbeat": False}
-        body = doctor_body(self.body if isinstance(self.body, dict) else None, **plan)
+        body = doctor_body(self.extra, **plan)
         loop = asyncio.get_running_loop()
         # Once the events before the gap are in, or after a second of a chain holding them back.
         got = await self._stream(client, body, until=lambda got: len(got.events) >= 5, abort_after=1.0)
@@ -716,8 +718,7 @@ class Doctor:
 
     async def _resume(self, client: httpx.AsyncClient) -> Check:
         """A resumable stream, left at once, read again with ``Last-Event-ID: 2``: does it go on at 3?"""
-        body = {**doctor_body(self.body if isinstance(self.body, dict) else None, events=10, interval_ms=20,
-                              size=SIZE), "resumable": True}  # fmt: skip
+        body = {**doctor_body(self.extra, events=10, interval_ms=20, size=SIZE), "resumable": True}
         got = await self._stream(client, body, until=lambda got: True, abort_after=0.5)
         stream_id = got.headers.get("x-stream-id")
         if not stream_id:
@@ -747,12 +748,11 @@ class Doctor:
         if not self.idle:
             hint = f" (longer than the heartbeat, {heartbeat:g} s)" if heartbeat else ""
             return Check("idle", "skip", f"not asked for: add --idle SECONDS{hint}")
-        extra = self.body if isinstance(self.body, dict) else None
         plan = {"events": 4, "interval_ms": 20, "size": SIZE, "idle_after": 2, "idle_s": self.idle}
         max_time = self.idle + self.timeout
         with_heartbeats, without = await asyncio.gather(
-            self._stream(client, doctor_body(extra, **plan), max_time=max_time),
-            self._stream(client, doctor_body(extra, **plan, heartbeat=False), max_time=max_time),
+            self._stream(client, doctor_body(self.extra, **plan), max_time=max_time),
+            self._stream(client, doctor_body(self.extra, **plan, heartbeat=False), max_time=max_time),
         )
         for got in (with_heartbeats, without):
             if got.status != 200:
