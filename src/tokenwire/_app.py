@@ -38,7 +38,7 @@ from ._response import (
 )
 from ._validation import invalid, parse_stream_request
 from .providers.base import Provider
-from .providers.doctor import DOCTOR_MODEL, HEADER, Diagnostics, Plan
+from .providers.doctor import DOCTOR_MODEL, Diagnostics, Plan, read_first_token
 from .stores.base import StoreUnavailable, StreamMeta, StreamStore
 
 logger = logging.getLogger("tokenwire")
@@ -240,12 +240,8 @@ class _Routes:
                 after = result.next_seq
         except LookupError:
             raise not_found() from None
-        nonce = next(
-            (json.loads(e["text"][len(HEADER) :])["nonce"] for e in events[:3]
-             if e["type"] == "token" and e["text"].startswith(HEADER)),
-            None,
-        )  # fmt: skip
-        record = self.doctor.record(nonce) if nonce else None
+        first = next((read_first_token(e["text"]) for e in events[:3] if e["type"] == "token"), None)
+        record = self.doctor.record(first["nonce"]) if first else None
         return JSONResponse(
             {
                 "stream_id": meta.stream_id,

@@ -38,7 +38,12 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from ._sse import SSEDecoder
-from .providers.doctor import DOCTOR_MODEL, HEADER
+from .providers.doctor import DOCTOR_MODEL, read_first_token
+
+try:
+    import brotli
+except ImportError:  # the doctor extra: without it a br-encoded stream is reported, not read
+    brotli = None
 
 # -- what is measured ------------------------------------------------------------
 
@@ -47,6 +52,8 @@ EVENTS = 80
 INTERVAL_MS = 40
 SIZE = 96
 WIDTH = 110  # the text report's lines
+#: What a browser asks for, as far as this doctor can decode it.
+ACCEPT_ENCODING = "gzip, deflate, br" if brotli is not None else "gzip, deflate"
 BURST_GAP = 0.010  # s: events further apart than this arrived separately
 CANCEL_WAIT = 3.0  # s after the abort for the server to stop the generation
 DEFAULT_BODY = {"messages": [{"role": "user", "content": "Count from 1 to 40, one number per line."}]}
@@ -230,8 +237,9 @@ class Capture:
             if not isinstance(parsed, dict) or parsed.get("type") != "token":
                 continue
             text = parsed.get("text", "")
-            if text.startswith(HEADER):
-                header = _json(text[len(HEADER) :])
+            info = read_first_token(text)
+            if info is not None:
+                header = info
                 continue
             try:
                 k, sent = text.split(" ", 2)[:2]
@@ -258,13 +266,8 @@ class _Decoder:
             self._decompress = bytes
         elif encoding in ("gzip", "x-gzip", "deflate"):
             self._decompress = zlib.decompressobj(zlib.MAX_WBITS | 32).decompress  # gzip or zlib header
-        elif encoding == "br":
-            try:
-                import brotli
-            except ImportError:
-                self._decompress = None
-            else:
-                self._decompress = brotli.Decompressor().process
+        elif encoding == "br" and brotli is not None:
+            self._decompress = brotli.Decompressor().process
         else:
             self._decompress = None
 
@@ -275,15 +278,6 @@ class _Decoder:
     def __call__(self, chunk: bytes) -> bytes:
         assert self._decompress is not None
         return self._decompress(chunk)
-
-
-def _accept_encoding() -> str:
-    """What a browser asks for, as far as this doctor can decode it."""
-    try:
-        import brotli  # noqa: F401
-    except ImportError:
-        return "gzip, deflate"
-    return "gzip, deflate, br"
 
 
 async def capture(
@@ -305,7 +299,7 @@ async def capture(
     loop = asyncio.get_running_loop()
     started = loop.time()
     got = Capture()
-    request_headers = {"accept": "text/event-stream", "accept-encoding": _accept_encoding(), **headers}
+    request_headers = {"accept": "text/event-stream", "accept-encoding": ACCEPT_ENCODING, **headers}
     try:
         async with asyncio.timeout(max_time):
             async with client.stream(method, url, headers=request_headers, json=body) as response:

@@ -45,6 +45,22 @@ def _invalid(message: str) -> RequestError:
     return RequestError(400, "invalid_request", f"a {DOCTOR_MODEL} stream: {message}", "messages")
 
 
+def first_token(info: dict[str, Any]) -> str:
+    """A doctor stream's first token: ``info`` (the plan as taken, the stream's heartbeat …)."""
+    return HEADER + json.dumps(info, separators=(",", ":")) + "\n"
+
+
+def read_first_token(text: str) -> dict[str, Any] | None:
+    """What :func:`first_token` put in ``text``; ``None`` if ``text`` is not a doctor stream's first token."""
+    if not text.startswith(HEADER):
+        return None
+    try:
+        info = json.loads(text[len(HEADER) :])
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) else None
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """What a doctor stream sends; the bounds keep a test stream from becoming a load of its own."""
@@ -174,7 +190,7 @@ class Diagnostics(Provider):
         info = {**asdict(plan), "stream_heartbeat": self.heartbeat if plan.heartbeat else None,
                 "idle_timeout": self.idle_timeout, "server": "tokenwire"}  # fmt: skip
         try:
-            yield Token(HEADER + json.dumps(info, separators=(",", ":")) + "\n")
+            yield Token(first_token(info))
             interval = plan.interval_ms / 1000
             for k in range(1, plan.events + 1):
                 if k > 1 and interval:
