@@ -319,6 +319,12 @@ def pooled(pool: ConnectionPool) -> int:
     return len(pool._available_connections) + len(pool._in_use_connections)
 
 
+async def waiting_here(store: RedisStore, metas: list[StreamMeta]) -> None:
+    """Until a reader waits on each of these streams for the writer's word (its waker is among the followers)."""
+    while not all(store._owned[meta.stream_id].followers for meta in metas):
+        await asyncio.sleep(0.001)
+
+
 def test_redis_readers_where_a_stream_is_written_wait_without_a_connection_of_their_own(redis_url: str) -> None:
     """Held blocking connections would grow the pool to the most readers ever waiting at once."""
     backend = RedisBackend(redis_url)
@@ -330,7 +336,7 @@ def test_redis_readers_where_a_stream_is_written_wait_without_a_connection_of_th
             for meta in metas:
                 await store.create(meta)
             readers = [asyncio.create_task(store.read(meta.stream_id, 0, timeout=10)) for meta in metas]
-            await asyncio.sleep(0.2)
+            await waiting_here(store, metas)
             assert not any(reader.done() for reader in readers)
             for meta in metas:
                 await store.append(meta.stream_id, 1, event(1))
@@ -339,7 +345,7 @@ def test_redis_readers_where_a_stream_is_written_wait_without_a_connection_of_th
             # (discarded) is read as Redis has it.
             ending = asyncio.create_task(store.read(metas[0].stream_id, 1, timeout=10))
             dropped = asyncio.create_task(store.read(metas[1].stream_id, 1, timeout=10))
-            await asyncio.sleep(0.2)
+            await waiting_here(store, metas[:2])
             await store.append(metas[0].stream_id, 2, event(2), terminal=True)
             assert await asyncio.wait_for(ending, 5) == ReadResult([event(2)], 2, True)
             await store.discard(metas[1].stream_id)
