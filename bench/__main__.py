@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import importlib
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
@@ -114,7 +116,16 @@ async def run(
     }
     results["machine"] = machine.describe(HERE)
     log_dir = out_dir / "logs"
-    save = lambda: _save(results, out_dir)  # noqa: E731
+
+    async def measure(name: str, work: Callable[[], Awaitable[Any]]) -> None:
+        """The section ``name``, if asked for: its figures (or its failure, see Section), saved at once."""
+        if name in sections:
+            with Section(results, name):
+                results[name] = await work()
+            _save(results, out_dir)
+
+    def section(name: str) -> Any:  # a section's module, imported once it runs
+        return importlib.import_module(f".{name}", __package__)
 
     upstream = FakeUpstream()
     await upstream.start()
@@ -135,10 +146,7 @@ async def run(
                 for name, fn in (
                     ("latency", relay.latency), ("ceiling", relay.ceiling), ("cancel", relay.cancellation)
                 ):  # fmt: skip
-                    if name in sections:
-                        with Section(results, name):
-                            results[name] = await fn(upstream, targets, pids, plan, log)
-                        save()
+                    await measure(name, lambda fn=fn: fn(upstream, targets, pids, plan, log))
             finally:
                 for s in group:
                     s.stop()
@@ -146,93 +154,45 @@ async def run(
             group = servers.relays(upstream.base_url)
             await start(group)
             try:
-                with Section(results, "memory"):
-                    results["memory"] = await relay.memory(upstream, group, plan, log)
+                await measure("memory", lambda: relay.memory(upstream, group, plan, log))
             finally:
                 for s in group:
                     s.stop()
-            save()
         if "profile" in sections:
             server = servers.tokenwire(upstream.base_url)
             await start([server])
             try:
-                with Section(results, "profile"):
-                    results["profile"] = await profile_bench.profile(
-                        server, plan.profile_streams, plan.rate, plan.profile_s, out_dir / "profile", log
-                    )
+                await measure("profile", lambda: profile_bench.profile(
+                    server, plan.profile_streams, plan.rate, plan.profile_s, out_dir / "profile", log
+                ))  # fmt: skip
             finally:
                 server.stop()
-            save()
-        if "upstream_client" in sections:
-            from . import upstream_client
-
-            with Section(results, "upstream_client"):
-                results["upstream_client"] = await upstream_client.bench(upstream, plan, log_dir, server_cpus, log)
-            save()
-        if "encodings" in sections:
-            from . import encodings
-
-            with Section(results, "encodings"):
-                results["encodings"] = await encodings.bench(upstream, plan, log_dir, server_cpus, log)
-            save()
-        if "paths" in sections:
-            from . import paths
-
-            with Section(results, "paths"):
-                results["paths"] = await paths.bench(upstream, plan, log_dir, server_cpus, log)
-            save()
-        if "workers" in sections:
-            from . import workers
-
-            with Section(results, "workers"):
-                results["workers"] = await workers.bench(upstream, plan, log_dir, cpus, log)
-            save()
-        if "burst" in sections:
-            from . import burst
-
-            with Section(results, "burst"):
-                results["burst"] = await burst.bench(upstream, plan.repeats, log_dir, cpus, log)
-            save()
+        # The sections that start servers of their own, on the relay CPU (or on both: cpus).
+        for name in ("upstream_client", "encodings", "paths"):
+            await measure(name, lambda name=name: section(name).bench(upstream, plan, log_dir, server_cpus, log))
+        await measure("workers", lambda: section("workers").bench(upstream, plan, log_dir, cpus, log))
+        await measure("burst", lambda: section("burst").bench(upstream, plan.repeats, log_dir, cpus, log))
     finally:
         await upstream.aclose()
 
-    if "baseline" in sections and baseline:
-        from . import ab
+    if baseline:
+        await measure("baseline", lambda: section("ab").bench(baseline, plan.cpu_rounds))
+    await measure("local", lambda: local_bench.bench(
+        plan.local_runs, plan.local_max_tokens, log_dir, log, cancel_runs=plan.local_cancel_probes
+    ))  # fmt: skip
 
-        with Section(results, "baseline"):
-            results["baseline"] = await ab.bench(baseline, plan.cpu_rounds)
-        save()
-    if "local" in sections:
-        with Section(results, "local"):
-            results["local"] = await local_bench.bench(
-                plan.local_runs, plan.local_max_tokens, log_dir, log, cancel_runs=plan.local_cancel_probes
-            )
-        save()
-    if "parsers" in sections:
-        with Section(results, "parsers"):
-            results["parsers"] = parsers.bench(
-                HERE / ".cache" / "fixtures", plan.parser_repeats, plan.parser_min_s, log
-            )
-        save()
-    if "soak" in sections:
-        from . import soak
+    async def parse() -> Any:
+        return parsers.bench(HERE / ".cache" / "fixtures", plan.parser_repeats, plan.parser_min_s, log)
 
-        duration = soak.QUICK_S if plan.name == "quick" else soak.FULL_S
-        with Section(results, "soak"):
-            results["soak"] = await soak.bench(duration, log_dir, server_cpus, log)
-        save()
-    if "faults" in sections:
-        from . import faults
+    await measure("parsers", parse)
 
-        with Section(results, "faults"):
-            results["faults"] = await asyncio.to_thread(faults.bench, log_dir, log)
-        save()
-    if "abuse" in sections:
-        from . import abuse
+    async def soak() -> Any:
+        module = section("soak")
+        return await module.bench(module.QUICK_S if plan.name == "quick" else module.FULL_S, log_dir, server_cpus, log)
 
-        with Section(results, "abuse"):
-            results["abuse"] = await abuse.bench(log_dir, server_cpus, log)
-        save()
+    await measure("soak", soak)
+    await measure("faults", lambda: asyncio.to_thread(section("faults").bench, log_dir, log))
+    await measure("abuse", lambda: section("abuse").bench(log_dir, server_cpus, log))
 
 
 def _save(results: dict[str, Any], out_dir: Path) -> None:
