@@ -11,13 +11,15 @@ needed: without them the tests skip, and in CI they fail.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import node_sdk
-from fakes import FakeOpenAIUpstream, active_streams, wait_until
+from fakes import FakeOpenAIUpstream, active_streams, serve_app, wait_until
 from relayed_upstream import relayed_upstream_fixtures
+from tokenwire import ScriptedProvider, Settings, create_app
 
 SCRIPT = node_sdk.ROOT / "tests" / "js_sdk" / "openai_sdk.mjs"
 RECORDINGS = node_sdk.ROOT / "tests" / "fixtures" / "openai"
@@ -89,7 +91,25 @@ def test_aborting_a_stream_closes_the_upstream(upstream: FakeOpenAIUpstream, bas
         assert wait_until(lambda: active_streams(base_url) == 0)
 
 
-def test_errors_are_the_sdks_own(base_url: str) -> None:
-    refused = run_sdk(base_url, "errors")
-    assert (refused["name"], refused["isBadRequest"], refused["status"]) == ("BadRequestError", True, 400)
+def test_errors_are_the_sdks_own(upstream: FakeOpenAIUpstream, base_url: str) -> None:
+    refused = run_sdk(base_url, "refused")
+    assert (refused["name"], refused["expected"], refused["status"]) == ("BadRequestError", True, 400)
     assert "'n' must be 1" in refused["message"]
+    # Mid-stream: the SDK raises the stream's error chunk.
+    upstream.configure(fail="reset", fail_after=2)
+    midstream = run_sdk(base_url, "midstream")
+    assert (midstream["name"], midstream["expected"]) == ("APIError", True)
+    assert "connection to the upstream was lost" in midstream["message"]
+    # Whole: a failed generation is a 502.
+    upstream.configure(fail="reset", fail_after=1)
+    failed = run_sdk(base_url, "failed")
+    assert (failed["name"], failed["expected"], failed["status"]) == ("InternalServerError", True, 502)
+
+
+def test_a_wrong_key_is_an_authentication_error(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("sk-tokenwire-test-key-0123456789\n")
+    app = create_app(Settings(auth_keys_file=str(keys)), provider=ScriptedProvider(interval=0, echo=True))
+    with serve_app(app) as url:
+        wrong = run_sdk(url, "unauthorized")
+    assert (wrong["name"], wrong["expected"], wrong["status"]) == ("AuthenticationError", True, 401)

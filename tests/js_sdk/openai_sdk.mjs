@@ -74,20 +74,36 @@ const cases = {
     return null;
   },
 
-  async errors() {
-    try {
-      await client.chat.completions.create({ model: "served-model", messages: hi, n: 2 });
-    } catch (caught) {
-      return {
-        name: caught.constructor.name,
-        isBadRequest: caught instanceof OpenAI.BadRequestError,
-        status: caught.status,
-        message: caught.message,
-      };
-    }
-    return { name: null };
+  // Each way a request can fail, as the SDK raises it: its error class, and whether it is the
+  // SDK's own subclass for that status.
+  async refused() {
+    return failure(() => client.chat.completions.create({ model: "served-model", messages: hi, n: 2 }), OpenAI.BadRequestError);
+  },
+
+  async midstream() {  // the upstream fails after the answer started: the stream's error chunk
+    return failure(async () => {
+      const stream = await client.chat.completions.create({ model: "served-model", messages: hi, stream: true });
+      for await (const chunk of stream) void chunk;
+    }, OpenAI.APIError);
+  },
+
+  async failed() {  // the same, for a whole answer: a 502
+    return failure(() => client.chat.completions.create({ model: "served-model", messages: hi }), OpenAI.InternalServerError);
+  },
+
+  async unauthorized() {  // a server with keys, and a wrong one
+    return failure(() => client.chat.completions.create({ model: "scripted", messages: hi, stream: true }), OpenAI.AuthenticationError);
   },
 };
+
+async function failure(request, expected) {
+  try {
+    await request();
+  } catch (caught) {
+    return { name: caught.constructor.name, expected: caught instanceof expected, status: caught.status ?? null, message: caught.message };
+  }
+  return { name: null };
+}
 
 if (!(name in cases)) throw new Error(`unknown case ${name}: one of ${Object.keys(cases).join(", ")}`);
 const result = await cases[name]();
