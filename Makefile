@@ -34,11 +34,11 @@ system-deps:
 serve: $(VENV)/.installed
 	$(BIN)/tokenwire serve --host $(HOST) --port $(PORT)
 
-# eventsource-parser: the JavaScript parser's peer, checked against ours by the tests.
-bench/node_modules/.package-lock.json: bench/package-lock.json
-	npm ci --prefix bench --no-audit --no-fund --loglevel=error
+# The npm packages the tests run (bench/package.json says which and why), and examples/usechat's own.
+%/node_modules/.package-lock.json: %/package-lock.json
+	npm ci --prefix $* --no-audit --no-fund --loglevel=error
 
-test: $(VENV)/.installed system-deps bench/node_modules/.package-lock.json
+test: $(VENV)/.installed system-deps bench/node_modules/.package-lock.json examples/usechat/node_modules/.package-lock.json
 	$(MAKE) test-imports test-python test-js
 
 # The import contracts in pyproject.toml: layers import one way, and no package has a cycle.

@@ -9,14 +9,16 @@ without a second upstream request, and on a resumable chat Stop still closes the
 tokenwire's transport DELETEs the stream (the AI SDK's own abort only drops the connection, which a
 resumable stream outlives).
 
-node, esbuild and the npm packages come from ``bench/node_modules`` (``npm ci --prefix bench``, which
-``make test`` runs): without them the tests skip, and in CI they fail.
+The page is built the example's own way (``examples/usechat/build.mjs``, esbuild), from its own
+``node_modules`` (``npm ci --prefix examples/usechat``, which ``make test`` runs): without node or
+them the tests skip, and in CI they fail.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
@@ -36,9 +39,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "usechat"
 RECORDING = ROOT / "tests" / "fixtures" / "openai" / "parallel_tool_calls.sse"
-NODE_MODULES = ROOT / "bench" / "node_modules"
-ESBUILD = NODE_MODULES / ".bin" / "esbuild"
-PACKAGES = ("react", "react-dom", "@ai-sdk/react", "ai")
+PACKAGES = ("react", "react-dom", "@ai-sdk/react", "ai", "esbuild")
 WAIT = 5_000  # ms, Playwright's unit
 CLOSE_BOUND = 1.0  # s from Stop to the upstream's connection closing
 SHORT = [f"w{i} " for i in range(30)]  # 30 tokens at 30 ms: about 1 s
@@ -52,29 +53,44 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def _version(node_modules: Path, package: str) -> str:
+    return json.loads((node_modules / package / "package.json").read_text())["version"]
+
+
 @pytest.fixture(scope="module")
-def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """examples/usechat, bundled as its README says, into a temporary directory."""
+def example() -> Path:
+    """examples/usechat, with its packages installed (skip, or fail in CI, without them)."""
+    node_modules = EXAMPLE / "node_modules"
     missing = None
     if shutil.which("node") is None:
         missing = "node is needed: apt-get install nodejs"
-    elif not ESBUILD.exists() or not all((NODE_MODULES / name / "package.json").is_file() for name in PACKAGES):
-        missing = "no esbuild, react or @ai-sdk/react in bench/node_modules: run `npm ci --prefix bench`"
+    elif not all((node_modules / name / "package.json").is_file() for name in PACKAGES):
+        missing = "examples/usechat's packages are not installed: run `npm ci --prefix examples/usechat`"
     if missing and _in_ci():
         pytest.fail(f"{missing} (CI must run the useChat tests)", pytrace=False)
     if missing:
         pytest.skip(missing)
-    out = tmp_path_factory.mktemp("usechat")
-    command = [
-        str(ESBUILD), str(EXAMPLE / "src" / "App.jsx"), "--bundle", "--format=esm", "--jsx=automatic",
-        '--define:process.env.NODE_ENV="production"', f"--outfile={out / 'app.js'}", "--log-level=warning",
-    ]  # fmt: skip
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=60, env={**os.environ, "NODE_PATH": str(NODE_MODULES)}
+    # tests/test_ai_sdk_node.py checks the ai package from bench/node_modules: the page must run the same.
+    assert _version(node_modules, "ai") == _version(ROOT / "bench" / "node_modules", "ai"), (
+        "examples/usechat/package.json and bench/package.json pin different versions of ai"
     )
-    assert done.returncode == 0, f"esbuild failed:\n{done.stderr}"
-    shutil.copy(EXAMPLE / "index.html", out / "index.html")
+    return EXAMPLE
+
+
+def build_page(example: Path, out: Path, tokenwire_url: str = "") -> Path:
+    """The page built as its README says (``node build.mjs``), into ``out``."""
+    env = {**os.environ, "TOKENWIRE_URL": tokenwire_url}
+    done = subprocess.run(
+        ["node", str(example / "build.mjs"), str(out)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, f"the example's build failed:\n{done.stderr}"
+    assert (out / "app.js").is_file() and (out / "index.html").is_file()
     return out
+
+
+@pytest.fixture(scope="module")
+def build(example: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_page(example, tmp_path_factory.mktemp("usechat"))
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +280,35 @@ def test_stop_on_a_resumable_chat_deletes_the_stream(page, page_errors, base_url
     assert upstream.wait_closed(timeout=CLOSE_BOUND) is None
     assert httpx.delete(f"{base_url}/api/stream/{stream_ids[0]}").status_code == 204
     assert upstream.wait_closed(timeout=CLOSE_BOUND) is not None
+
+
+def test_a_page_on_another_origin_reaches_tokenwire_through_cors(
+    page, page_errors, example, shared_upstream, upstream, tmp_path
+):
+    # The README's other way to deploy the page: its own origin, built with TOKENWIRE_URL, and
+    # tokenwire started with --cors-origins. Stop on a resumable chat needs the x-stream-id header,
+    # which only CORS's expose list lets the page read, and a DELETE, which only its methods allow.
+    page_errors.allow(ABORTED)
+    upstream.configure(tokens=LONG, interval=0.03)
+    (tmp_path / "page").mkdir()
+    site = Starlette(routes=[Mount("/usechat", StaticFiles(directory=tmp_path / "page", html=True))])
+    with serve_app(site) as page_url:
+        provider = OpenAIProvider(shared_upstream.url + "/v1", model="served-model")
+        with serve_app(create_app(Settings(cors_origins=page_url), provider=provider)) as api_url:
+            build_page(example, tmp_path / "page", tokenwire_url=api_url)
+            calls: list[str] = []
+            page.on(
+                "response",
+                lambda r: calls.append(f"{r.request.method} {r.url.removeprefix(api_url)} {r.status}")
+                if r.url.startswith(api_url)
+                else None,
+            )
+            chat_id = open_chat(page, page_url, "?resumable")
+            send(page, "Go on")
+            wait_for_tokens(page, 5)
+            page.click("#stop")
+            page.wait_for_selector("main[data-status=ready]", timeout=WAIT)
+            assert upstream.wait_closed(timeout=CLOSE_BOUND) is not None
+            assert wait_until(lambda: len(calls) == 3)
+    assert calls[:2] == [f"GET /api/chat/{chat_id}/stream 204", "POST /api/chat 200"]
+    assert re.fullmatch(r"DELETE /api/stream/str_[\w-]+ 204", calls[2])

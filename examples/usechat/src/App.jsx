@@ -5,7 +5,8 @@ import { useChat } from "@ai-sdk/react";
 import { DefaultChatTransport, generateId } from "ai";
 import { tokenwireChatTransport } from "../../../src/tokenwire/static/tokenwire.js";
 
-const API = "/api/chat";
+// TOKENWIRE_URL is set by build.mjs: "" (this page's own origin) unless the build was given one.
+const API = `${TOKENWIRE_URL}/api/chat`;
 
 // `?resumable` in the URL turns on resumable chats: the server keeps generating through a reload,
 // and the page picks the answer up again on mount. That needs the same chat id after a reload, so
