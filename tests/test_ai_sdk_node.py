@@ -7,8 +7,9 @@ package takes them. tokenwire runs in a real uvicorn, in front of the scripted p
 the fake OpenAI upstream, and ``tests/js_sdk/ai_sdk.mjs`` runs once per case, printing what the
 package made of the answer as a JSON line.
 
-node and ``bench/node_modules/ai`` (``npm ci --prefix bench``, which ``make test`` runs) are
-needed: without them the tests skip, and in CI they fail.
+The conversations run through the newest 6.x (``ai``) and the last 5.x (``ai-5``): tokenwire speaks
+the protocol both parse. node and those packages (``bench/node_modules``, ``npm ci --prefix bench``,
+which ``make test`` runs) are needed: without them the tests skip, and in CI they fail.
 """
 
 from __future__ import annotations
@@ -47,22 +48,28 @@ BAD_ARGUMENTS = [
 
 @pytest.fixture(scope="module", autouse=True)
 def _node_sdk() -> None:
-    node_sdk.require("ai", "ai-6.0.230")
+    node_sdk.require("ai", "ai-6.0.230", "ai-5")
 
 
 shared_upstream, base_url, upstream = relayed_upstream_fixtures()
+
+
+@pytest.fixture(params=["ai", "ai-5"])
+def package(request: pytest.FixtureRequest) -> str:
+    """The ``ai`` release whose DefaultChatTransport and readUIMessageStream run the case."""
+    return request.param
 
 
 def scripted(steps: Sequence[ProviderEvent]) -> Any:
     return serve_app(create_app(Settings(), provider=ScriptedProvider(steps=steps, interval=0)))
 
 
-def node_command(base_url: str, case: str) -> list[str]:
-    return ["node", str(SCRIPT), base_url, case]
+def node_command(base_url: str, case: str, package: str = "ai") -> list[str]:
+    return ["node", str(SCRIPT), base_url, case, package]
 
 
-def run_sdk(base_url: str, case: str) -> dict[str, Any]:
-    return node_sdk.run(node_command(base_url, case))
+def run_sdk(base_url: str, case: str, package: str = "ai") -> dict[str, Any]:
+    return node_sdk.run(node_command(base_url, case, package))
 
 
 def accepted(result: dict[str, Any]) -> dict[str, Any]:
@@ -72,9 +79,9 @@ def accepted(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def test_every_output_assembles_into_parts() -> None:
+def test_every_output_assembles_into_parts(package: str) -> None:
     with scripted(EVERY_OUTPUT) as url:
-        result = accepted(run_sdk(url, "chat"))
+        result = accepted(run_sdk(url, "chat", package))
     assert [chunk["type"] for chunk in result["chunks"]] == [
         "start", "start-step",
         "reasoning-start", "reasoning-delta", "reasoning-delta", "reasoning-end",
@@ -127,9 +134,9 @@ def test_an_upstream_error_is_an_error_chunk(upstream: FakeOpenAIUpstream, base_
     assert result["message"]["parts"][-1] == {"type": "text", "text": "Hello,", "state": "done"}
 
 
-def test_openai_tool_calls_assemble_into_parts(upstream: FakeOpenAIUpstream, base_url: str) -> None:
+def test_openai_tool_calls_assemble_into_parts(upstream: FakeOpenAIUpstream, base_url: str, package: str) -> None:
     upstream.configure(recording=[(RECORDINGS / "parallel_tool_calls.sse").read_bytes()])
-    result = accepted(run_sdk(base_url, "chat"))
+    result = accepted(run_sdk(base_url, "chat", package))
     assert result["message"]["parts"] == [
         {"type": "step-start"},
         {"type": "reasoning", "id": "reasoning-1", "text": "Weather and time in Zürich: two calls.", "state": "done"},
@@ -147,10 +154,12 @@ def test_openai_tool_calls_assemble_into_parts(upstream: FakeOpenAIUpstream, bas
     ("case", "stops"),
     [("abort", True), ("abort_resumable_default", False), ("abort_resumable_tokenwire", True)],
 )
-def test_stopping_closes_the_upstream(upstream: FakeOpenAIUpstream, base_url: str, case: str, stops: bool) -> None:
+def test_stopping_closes_the_upstream(
+    upstream: FakeOpenAIUpstream, base_url: str, case: str, stops: bool, package: str
+) -> None:
     """Stop stops the model, on a resumable chat too with tokenwire's transport (not with the AI SDK's own)."""
     upstream.configure(tokens=[f"t{i} " for i in range(1000)], interval=0.01)
-    with node_sdk.held_open(node_command(base_url, case)) as (result, _node):
+    with node_sdk.held_open(node_command(base_url, case, package)) as (result, _node):
         assert {k: result[k] for k in ("delta", "error", "aborted")} == {"delta": "t0 ", "error": "AbortError", "aborted": True}
         if stops:
             assert upstream.wait_closed(timeout=CLOSE_BOUND) is not None, "the upstream kept generating"
@@ -161,11 +170,11 @@ def test_stopping_closes_the_upstream(upstream: FakeOpenAIUpstream, base_url: st
 
 
 def test_a_dropped_resumable_chat_is_recovered_whole_with_reconnect_to_stream(
-    upstream: FakeOpenAIUpstream, base_url: str
+    upstream: FakeOpenAIUpstream, base_url: str, package: str
 ) -> None:
     tokens = [f"r{i} " for i in range(40)]
     upstream.configure(tokens=tokens, interval=0.02)
-    result = run_sdk(base_url, "resume")
+    result = run_sdk(base_url, "resume", package)
     assert result["cut"] == tokens[:3]
     recovered = accepted(result["recovered"])
     assert [p["text"] for p in recovered["message"]["parts"] if p["type"] == "text"] == ["".join(tokens)]
@@ -174,9 +183,9 @@ def test_a_dropped_resumable_chat_is_recovered_whole_with_reconnect_to_stream(
     assert upstream.request_count == 1  # replayed from the stream's log, not asked again
 
 
-def test_tool_outputs_go_back_to_the_upstream(upstream: FakeOpenAIUpstream, base_url: str) -> None:
+def test_tool_outputs_go_back_to_the_upstream(upstream: FakeOpenAIUpstream, base_url: str, package: str) -> None:
     upstream.configure(recording=[(RECORDINGS / "parallel_tool_calls.sse").read_bytes()])
-    result = run_sdk(base_url, "second_turn")
+    result = run_sdk(base_url, "second_turn", package)
     accepted(result["first"])
     accepted(result["second"])
     sent = [part["state"] for part in result["sent"]["parts"] if part["type"].startswith("tool-")]

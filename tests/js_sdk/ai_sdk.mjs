@@ -1,6 +1,9 @@
 // The Vercel AI SDK (`ai` npm package) against tokenwire's POST /api/chat.
 //
-//   node tests/js_sdk/ai_sdk.mjs <base_url> <case>
+//   node tests/js_sdk/ai_sdk.mjs <base_url> <case> [package]
+//
+// `package` is the `ai` release whose transport and readUIMessageStream run the case: `ai` (6.0.326,
+// the default) or `ai-5` (5.0.277, the last 5.x line).
 //
 // Prints one JSON line with what the SDK made of the answer; tests/test_ai_sdk_node.py asserts on it.
 // Requests go through `DefaultChatTransport`, the transport `useChat` uses: it posts the UIMessages and
@@ -9,20 +12,26 @@
 //
 // `ai` 6.0.231 and later accept chunk fields they do not know (z.looseObject); 6.0.0 to 6.0.230 refuse
 // them (z.strictObject), and apps pinned to those still run. So every chunk is also checked against
-// 6.0.230's schema (bench/package.json installs it as `ai-6.0.230`).
+// 6.0.230's schema (bench/package.json installs it as `ai-6.0.230`), and against 5.0.277's.
 //
-// Both are installed in bench/node_modules (`npm ci --prefix bench`), which node's resolution from this
+// All are installed in bench/node_modules (`npm ci --prefix bench`), which node's resolution from this
 // file would not search (ES modules ignore NODE_PATH), so they are required from bench/package.json.
 import { createRequire } from "node:module";
 import { once } from "node:events";
 
 const require = createRequire(new URL("../../bench/package.json", import.meta.url));
-const { DefaultChatTransport, readUIMessageStream, uiMessageChunkSchema } = require("ai");
-const { uiMessageChunkSchema: strictChunkSchema } = require("ai-6.0.230");
+const [baseURL, name, pkg = "ai"] = process.argv.slice(2);
+const { DefaultChatTransport, readUIMessageStream } = require(pkg);
+// Each release's chunk schema, by the version it came from.
+const SCHEMAS = Object.fromEntries(
+  ["ai", "ai-6.0.230", "ai-5"].map((each) => [
+    require(`${each}/package.json`).version,
+    require(each).uiMessageChunkSchema,
+  ]),
+);
 // tokenwire.js, served to browsers, is a plain ES module: node imports it as it is.
 const { tokenwireChatTransport } = await import("../../src/tokenwire/static/tokenwire.js");
 
-const [baseURL, name] = process.argv.slice(2);
 const transport = new DefaultChatTransport({ api: baseURL + "/api/chat" });
 const question = { id: "msg_user_1", role: "user", parts: [{ type: "text", text: "Weather and time?" }] };
 // What the app's tools answered, for the second turn; the test checks the upstream got them as JSON text.
@@ -67,11 +76,11 @@ async function collect(stream) {
   return { chunks, message, errors, invalid: await invalidChunks(chunks) };
 }
 
-// Every chunk the newest and the strict schema refuse, with why.
+// Every chunk a release's schema refuses, with why.
 async function invalidChunks(chunks) {
   const invalid = [];
   for (const [index, chunk] of chunks.entries()) {
-    for (const [schema, version] of [[uiMessageChunkSchema, "6.0.326"], [strictChunkSchema, "6.0.230"]]) {
+    for (const [version, schema] of Object.entries(SCHEMAS)) {
       const result = await schema().validate(chunk);
       if (!result.success) invalid.push({ index, version, chunk, error: String(result.error) });
     }
