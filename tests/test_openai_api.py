@@ -7,6 +7,8 @@ tokenwire's openai provider, so that a client's break is seen closing the model'
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,3 +140,15 @@ def test_the_v1_routes_take_the_servers_keys(tmp_path: Path) -> None:
         with openai.OpenAI(base_url=url + "/v1", api_key="sk-tokenwire-test-key-0123456789", max_retries=0) as right:
             answer = right.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "echo me"}])
             assert answer.choices[0].message.content == "echo me"
+
+
+def test_the_example_script_streams_an_answer(upstream: FakeOpenAIUpstream, base_url: str) -> None:
+    # examples/openai_sdk.py, run as its docstring says, against this server.
+    upstream.configure(tokens=["Hello", " from", " the", " relay", "."])
+    script = Path(__file__).parents[1] / "examples" / "openai_sdk.py"
+    done = subprocess.run(
+        [sys.executable, str(script), base_url + "/v1"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "Hello from the relay.\n"
+    assert upstream.wait_request().body["messages"] == [{"role": "user", "content": "Say hello in five words."}]
