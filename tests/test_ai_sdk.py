@@ -86,6 +86,25 @@ def test_ui_messages_become_openai_messages_step_by_step() -> None:
         ({"id": "c", "messages": [{"role": "robot", "parts": []}]}, "messages[0].role"),
         ({"id": "c", "messages": [{"role": "user", "parts": "hi"}]}, "messages[0].parts"),
         ({"id": "c", "messages": [{"role": "user", "parts": [{"text": "hi"}]}]}, "messages[0].parts[0]"),
+        # The fields a part's translation reads, named where useChat put them (not where they would go).
+        ({"id": "c", "messages": [{"role": "user", "parts": [{"type": "text"}]}]}, "messages[0].parts[0].text"),
+        ({"id": "c", "messages": [{"role": "system", "parts": [{"type": "text", "text": 7}]}]}, "messages[0].parts[0].text"),
+        ({"id": "c", "messages": [{"role": "user", "parts": [{"type": "file", "mediaType": "image/png"}]}]},
+         "messages[0].parts[0].url"),
+        ({"id": "c", "messages": [user("x"), {"role": "assistant", "parts": [{"type": "reasoning", "text": None}]}]},
+         "messages[1].parts[0].text"),
+        ({"id": "c", "messages": [user("x"), {"role": "assistant", "parts": [
+            {"type": "step-start"}, {"type": "tool-f", "state": "output-available", "toolCallId": 5, "output": 1}]}]},
+         "messages[1].parts[1].toolCallId"),
+        ({"id": "c", "messages": [user("x"), {"role": "assistant", "parts": [
+            {"type": "dynamic-tool", "state": "output-available", "toolCallId": "a", "output": 1}]}]},
+         "messages[1].parts[0].toolName"),
+        ({"id": "c", "messages": [user("x"), {"role": "assistant", "parts": [
+            {"type": "tool-", "state": "output-available", "toolCallId": "a", "output": 1}]}]},
+         "messages[1].parts[0].type"),
+        ({"id": "c", "messages": [user("x"), {"role": "assistant", "parts": [
+            {"type": "tool-f", "state": "output-error", "toolCallId": "a", "errorText": {"e": 1}}]}]},
+         "messages[1].parts[0].errorText"),
     ],
 )
 def test_bad_chat_requests_say_what_to_fix(body: Any, param: str | None) -> None:

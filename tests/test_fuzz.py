@@ -227,3 +227,84 @@ def test_random_resumes(
     cursor = last_event_id.decode("latin-1") if last_event_id is not None else after
     past_the_end = use_real_id and cursor is not None and cursor.isdecimal() and int(cursor[-19:]) >= last_seq
     check(client.get(url, headers=headers), past_the_end=past_the_end)
+
+
+# -- the other APIs' routes ----------------------------------------------------------
+
+PNG = "data:image/png;base64,iVBORw0KGgo="
+ids = st.text(string.ascii_letters + string.digits + "_-", min_size=1, max_size=12)
+
+
+def mostly(plausible: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """A value of the right type four times in five, else anything: deep enough to reach every part."""
+    return weighted((4, plausible), (1, json_values))
+
+
+parts = st.fixed_dictionaries(
+    {"type": mostly(st.sampled_from(
+        ["text", "reasoning", "file", "step-start", "tool-get_weather", "tool-", "dynamic-tool", "source-url"]
+    ))},
+    optional={
+        "text": mostly(st.text(max_size=20)),
+        "state": mostly(st.sampled_from(["input-streaming", "input-available", "output-available", "output-error"])),
+        "toolCallId": mostly(ids | st.just("")),
+        "toolName": mostly(st.sampled_from(["get_weather", "", "not a name"])),
+        "input": json_values,
+        "rawInput": json_values,
+        "output": json_values,
+        "errorText": mostly(st.text(max_size=8)),
+        "mediaType": mostly(st.sampled_from(["image/png", "image/gif", "text/plain"])),
+        "url": mostly(st.sampled_from([PNG, "https://example.com/a.png", "http://example.com/a.png", "data:,x"])),
+        "providerMetadata": mostly(st.fixed_dictionaries({"anthropic": mostly(st.fixed_dictionaries(
+            {}, optional={"signature": mostly(st.text(max_size=8)), "redactedData": mostly(st.text(max_size=8))}
+        ))})),
+    },
+)  # fmt: skip
+ui_messages = st.fixed_dictionaries(
+    {"id": mostly(ids), "role": mostly(st.sampled_from(ROLES)), "parts": mostly(st.lists(parts, max_size=4))}
+)
+chat_bodies = st.fixed_dictionaries(
+    {"id": mostly(ids), "messages": mostly(st.lists(ui_messages, max_size=4))},
+    optional={
+        "trigger": mostly(st.sampled_from(["submit-message", "regenerate-message"])),
+        "messageId": mostly(st.text(max_size=8)),
+        **{name: mostly(strategy) for name, strategy in good_options.items()},
+    },
+)
+completion_bodies = st.fixed_dictionaries(
+    {"messages": mostly(messages)},
+    optional={
+        "stream": mostly(st.booleans()),
+        "stream_options": mostly(st.fixed_dictionaries({}, optional={"include_usage": mostly(st.booleans())})),
+        "max_completion_tokens": mostly(st.integers(1, 40)),
+        "reasoning_effort": mostly(st.sampled_from(["low", "medium", "high"])),
+        "n": mostly(st.integers(0, 2)),
+        **{name: mostly(strategy) for name, strategy in good_options.items()},
+    },
+)
+
+
+def check_foreign(response: httpx.Response) -> None:
+    """Another API's answer: a JSON error (status < 500), a whole JSON answer, or an event stream to [DONE]."""
+    assert response.status_code < 500, response.text
+    if response.status_code != 200:
+        assert response.headers["content-type"] == "application/json", response.text
+        assert isinstance(response.json()["error"]["type"], str)
+    elif response.headers["content-type"].startswith("text/event-stream"):
+        assert response.text.endswith("data: [DONE]\n\n"), response.text[-200:]
+    else:
+        assert response.json()["object"] == "chat.completion"
+
+
+@FUZZ
+@given(body=chat_bodies)
+def test_random_chats(client: httpx.Client, body: dict[str, Any]) -> None:
+    check_foreign(client.post("/api/chat", content=json.dumps(body), headers={"content-type": "application/json"}))
+
+
+@FUZZ
+@given(body=completion_bodies)
+def test_random_chat_completions(client: httpx.Client, body: dict[str, Any]) -> None:
+    check_foreign(
+        client.post("/v1/chat/completions", content=json.dumps(body), headers={"content-type": "application/json"})
+    )

@@ -67,44 +67,65 @@ def _messages(message: Any, param: str) -> list[dict[str, Any]]:
     for j, part in enumerate(parts):
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             raise invalid(f"{param}.parts[{j}] must be an object with a 'type'", f"{param}.parts[{j}]")
+    numbered = [(f"{param}.parts[{j}]", part) for j, part in enumerate(parts)]
     if role == "system":
-        return [{"role": "system", "content": "".join(p.get("text", "") for p in parts if p["type"] == "text")}]
+        return [{"role": "system", "content": "".join(_text(p, at) for at, p in numbered if p["type"] == "text")}]
     if role == "user":
         content: list[dict[str, Any]] = []
-        for part in parts:
+        for at, part in numbered:
             if part["type"] == "text":
-                content.append({"type": "text", "text": part.get("text")})
+                content.append({"type": "text", "text": _text(part, at)})
             elif part["type"] == "file" and str(part.get("mediaType", "")).startswith("image/"):
-                content.append({"type": "image_url", "image_url": {"url": part.get("url")}})
+                content.append({"type": "image_url", "image_url": {"url": _string(part, "url", at)}})
         if all(part["type"] == "text" for part in content):
             # Text only: a string, which every OpenAI-compatible server takes (not all take parts).
             return [{"role": "user", "content": "".join(part["text"] for part in content)}]
         return [{"role": "user", "content": content}]
-    steps: list[list[dict[str, Any]]] = [[]]
-    for part in parts:
+    steps: list[list[tuple[str, dict[str, Any]]]] = [[]]
+    for at, part in numbered:
         if part["type"] == "step-start":
             if steps[-1]:
                 steps.append([])
         else:
-            steps[-1].append(part)
+            steps[-1].append((at, part))
     out: list[dict[str, Any]] = []
     for step in steps:
-        out += _step(step, param)
+        out += _step(step)
     return out
 
 
-def _step(parts: list[dict[str, Any]], param: str) -> list[dict[str, Any]]:
+def _string(part: dict[str, Any], name: str, at: str, *, empty: bool = False) -> str:
+    """``part[name]``, which must be a string, and not empty unless ``empty`` (``at``: the part's place)."""
+    value = part.get(name)
+    if not isinstance(value, str) or not (value or empty):
+        raise invalid(f"{at}.{name} must be a {'' if empty else 'non-empty '}string", f"{at}.{name}")
+    return value
+
+
+def _text(part: dict[str, Any], at: str) -> str:
+    """A text or reasoning part's text."""
+    return _string(part, "text", at, empty=True)
+
+
+def _anthropic(part: dict[str, Any]) -> dict[str, Any]:
+    """``part.providerMetadata.anthropic``, where the AI SDK keeps a thinking block's signature; or {}."""
+    metadata = part.get("providerMetadata")
+    anthropic = metadata.get("anthropic") if isinstance(metadata, dict) else None
+    return anthropic if isinstance(anthropic, dict) else {}
+
+
+def _step(parts: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     """One step of an assistant message: its turn, then a tool message per call with a result."""
-    text = "".join(p.get("text", "") for p in parts if p["type"] == "text")
+    text = "".join(_text(p, at) for at, p in parts if p["type"] == "text")
     reasoning = []
     calls = []
     results = []
-    for part in parts:
+    for at, part in parts:
         kind = part["type"]
         if kind == "reasoning":
-            block = {"type": "reasoning", "text": part.get("text", "")}
-            signature = ((part.get("providerMetadata") or {}).get("anthropic") or {}).get("signature")
-            redacted = ((part.get("providerMetadata") or {}).get("anthropic") or {}).get("redactedData")
+            block = {"type": "reasoning", "text": _text(part, at)}
+            signature = _anthropic(part).get("signature")
+            redacted = _anthropic(part).get("redactedData")
             if isinstance(redacted, str):
                 reasoning.append({"type": "redacted_reasoning", "data": redacted})
                 continue
@@ -115,14 +136,16 @@ def _step(parts: list[dict[str, Any]], param: str) -> list[dict[str, Any]]:
             state = part.get("state")
             if state not in ("output-available", "output-error"):
                 continue  # a call without its result cannot be sent back (as ignoreIncompleteToolCalls)
-            name = part.get("toolName") if kind == "dynamic-tool" else kind[len("tool-") :]
-            call_id = part.get("toolCallId")
+            name = _string(part, "toolName", at) if kind == "dynamic-tool" else kind[len("tool-") :]
+            if not name:
+                raise invalid(f"{at}.type must name the tool: tool-<name>", f"{at}.type")
+            call_id = _string(part, "toolCallId", at)
             if part.get("input") is None and isinstance(part.get("rawInput"), str):
                 arguments = part["rawInput"]  # a call whose arguments were not JSON: as the model wrote them
             else:
                 arguments = json.dumps(part.get("input", {}), ensure_ascii=False)
             calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
-            output = part.get("errorText") if state == "output-error" else part.get("output")
+            output = _string(part, "errorText", at, empty=True) if state == "output-error" else part.get("output")
             results.append({
                 "role": "tool", "tool_call_id": call_id,
                 "content": output if isinstance(output, str) else json.dumps(output, ensure_ascii=False),
