@@ -124,8 +124,9 @@ def _step(parts: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         kind = part["type"]
         if kind == "reasoning":
             block = {"type": "reasoning", "text": _text(part, at)}
-            signature = _anthropic(part).get("signature")
-            redacted = _anthropic(part).get("redactedData")
+            anthropic = _anthropic(part)
+            signature = anthropic.get("signature")
+            redacted = anthropic.get("redactedData")
             if isinstance(redacted, str):
                 reasoning.append({"type": "redacted_reasoning", "data": redacted})
                 continue
