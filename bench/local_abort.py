@@ -31,9 +31,10 @@ LONG_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 150)
 def measure(n_ubatch: int, prompt_runs: int, aborts: int) -> dict[str, Any]:
     import llama_cpp
 
-    from tokenwire.providers.local import _AbortSwitch, _available_cpus, bundled_model_path
+    from tokenwire.providers.base import available_cpus
+    from tokenwire.providers.local import _AbortSwitch, bundled_model_path
 
-    threads = _available_cpus()
+    threads = available_cpus()
     llm = llama_cpp.Llama(
         model_path=bundled_model_path(), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
         n_ubatch=n_ubatch, verbose=False,
