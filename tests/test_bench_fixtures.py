@@ -7,7 +7,10 @@ bytes (bench/fixtures.py); a latency benchmark means nothing if tokens get lost 
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import importlib
+import importlib.util
 import json
 import shutil
 from array import array
@@ -130,3 +133,24 @@ def test_latency_percentiles_are_over_every_token_of_every_run() -> None:
     r = {"plan": {"measure_s": 4.0, "min_samples": 200}, "latency": {"measure_s": {"1": 10.0, "100": 4.0}}}
     assert "10 s at 1 stream:" in _long_windows(r) and "100" not in _long_windows(r)
     assert _long_windows({"plan": {"measure_s": 4.0}, "latency": {"measure_s": {"100": 4.0}}}) == ""
+
+
+def test_every_name_the_bench_imports_from_tokenwire_exists() -> None:
+    # Sections import tokenwire's internals inside functions, which only a whole `make bench` runs:
+    # a rename in src/ (once `_available_cpus`) otherwise breaks the bench an hour into its run.
+    missing = []
+    for path in sorted(BENCH.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("tokenwire"):
+                module = importlib.import_module(node.module)
+                missing += [
+                    f"{path.relative_to(BENCH.parent)}:{node.lineno}: {node.module}.{alias.name}"
+                    for alias in node.names
+                    if not hasattr(module, alias.name) and not _submodule(module, alias.name)
+                ]
+    assert missing == []
+
+
+def _submodule(module: object, name: str) -> bool:
+    """``from package import module``: ``name`` is a module of ``module``, a package."""
+    return hasattr(module, "__path__") and importlib.util.find_spec(f"{module.__name__}.{name}") is not None
