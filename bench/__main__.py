@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -118,11 +119,22 @@ async def run(
     log_dir = out_dir / "logs"
 
     async def measure(name: str, work: Callable[[], Awaitable[Any]]) -> None:
-        """The section ``name``, if asked for: its figures (or its failure, see Section), saved at once."""
-        if name in sections:
-            with Section(results, name):
+        """The section ``name``, if asked for: its figures, or its failure, saved at once.
+
+        A failed section is logged whole and named in RESULTS.md, and the run goes on to the next:
+        one section's bug must not cost the rest of an hour's run.
+        """
+        if name not in sections:
+            return
+        results.get("failed", {}).pop(name, None)
+        with Section(results, name):
+            try:
                 results[name] = await work()
-            _save(results, out_dir)
+            except Exception as exc:
+                results.pop(name, None)
+                results.setdefault("failed", {})[name] = f"{type(exc).__name__}: {exc}"
+                log(f"{name} FAILED:\n{traceback.format_exc()}")
+        _save(results, out_dir)
 
     def section(name: str) -> Any:  # a section's module, imported once it runs
         return importlib.import_module(f".{name}", __package__)
@@ -269,6 +281,9 @@ def main() -> int:
         if "machine" in results:
             path = report.write(results, out_dir)
             log(f"wrote {path} in {results['elapsed_s'] / 60:.1f} min")
+    if results.get("failed"):
+        log(f"failed sections: {', '.join(results['failed'])}")
+        return 1
     return 0
 
 

@@ -893,6 +893,12 @@ def render(r: dict[str, Any]) -> str:
         ),
         "",
     ]
+    if r.get("failed"):
+        lines += [
+            "**Sections that failed in this run** (their tables are missing; the log has the traceback): "
+            + "; ".join(f"{name} ({error})" for name, error in r["failed"].items()),
+            "",
+        ]
     for section in (_goals, _machine, _method, _latency, _ceiling, _cancel, _memory, _upstream_client, _encodings, _paths, _workers, _burst, _baseline, _local, _parsers, _profile, _soak, _faults, _abuse):
         lines += section(r)
     return "\n".join(lines).rstrip() + "\n"
