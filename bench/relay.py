@@ -27,6 +27,8 @@ from .servers import Server, rss_kib
 from .upstream import FakeUpstream
 
 P99_LIMIT_MS = 10.0
+NOISE = 0.10  # cores of other processes during a ceiling step above which its failure is not the relay's
+NOISY_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -259,20 +261,24 @@ async def ceiling(
     Geometric steps from ``ceiling_start``; then ``ceiling_refine`` bisections between the last
     pass and the first failure.  A step passes when p99 < 10 ms, no stream failed and at least 90%
     of the offered tokens were written and relayed within the window; a failed step is run again
-    once, and counts as failed only if it fails again.
+    once (more often while other processes load the machine), and counts as failed only if it fails again.
     """
     streams = plan.ceiling_streams
     out: dict[str, Any] = {"streams": streams, "p99_limit_ms": P99_LIMIT_MS, "targets": {}}
 
     async def step(target: Target, offered: float) -> dict[str, Any]:
-        s = await attempt(target, offered)
-        if not s["passed"]:
-            # One spike (a GC pause, another process) must not end the search: a step fails only
-            # when it fails twice in a row.
-            again = await attempt(target, offered)
-            again["retried"] = True
-            if again["passed"] or again["p99_ms"] < s["p99_ms"]:
-                s = again
+        # One spike (a GC pause, another process) must not end the search: a step fails only when it
+        # fails twice in a row. And a failure while other processes took NOISE of a core or more
+        # tells more about them than about the relay: such a step is tried again, NOISY_RETRIES more
+        # times at most (the shared machine's busy spells last tens of seconds).
+        s = last = await attempt(target, offered)
+        retries = 0
+        while not s["passed"] and (retries == 0 or (last["other_cpu"] >= NOISE and retries <= NOISY_RETRIES)):
+            last = await attempt(target, offered)
+            last["retried"] = True
+            retries += 1
+            if last["passed"] or last["p99_ms"] < s["p99_ms"]:
+                s = last
         return s
 
     async def attempt(target: Target, offered: float) -> dict[str, Any]:

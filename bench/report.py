@@ -167,7 +167,10 @@ def _ceiling(r: dict[str, Any]) -> list[str]:
         "",
         f"{c['streams']} concurrent streams; the offered rate rises geometrically (then bisects) until p99 "
         f"reaches {c['p99_limit_ms']:g} ms, a stream fails, or less than 90% of the offered tokens get "
-        "through. The ceiling is the tokens/s relayed at the last passing step.",
+        "through. The ceiling is the tokens/s relayed at the last passing step. A step fails only if it "
+        "fails twice in a row; one that fails while other processes on the machine use a tenth of a core "
+        "or more is tried up to three more times, so that a busy spell of the shared machine does not end "
+        "the search.",
         "",
         "| relay | ceiling tokens/s | p99 ms there | server CPU there | first failing offer | vs tutorial |",
         "|---|---:|---:|---:|---:|---:|",
