@@ -264,7 +264,10 @@ async def ceiling(
     once (more often while other processes load the machine), and counts as failed only if it fails again.
     """
     streams = plan.ceiling_streams
-    out: dict[str, Any] = {"streams": streams, "p99_limit_ms": P99_LIMIT_MS, "targets": {}}
+    out: dict[str, Any] = {
+        "streams": streams, "p99_limit_ms": P99_LIMIT_MS, "noise_cores": NOISE, "noisy_retries": NOISY_RETRIES,
+        "targets": {},
+    }  # fmt: skip
 
     async def step(target: Target, offered: float) -> dict[str, Any]:
         # One spike (a GC pause, another process) must not end the search: a step fails only when it

@@ -168,9 +168,14 @@ def _ceiling(r: dict[str, Any]) -> list[str]:
         f"{c['streams']} concurrent streams; the offered rate rises geometrically (then bisects) until p99 "
         f"reaches {c['p99_limit_ms']:g} ms, a stream fails, or less than 90% of the offered tokens get "
         "through. The ceiling is the tokens/s relayed at the last passing step. A step fails only if it "
-        "fails twice in a row; one that fails while other processes on the machine use a tenth of a core "
-        "or more is tried up to three more times, so that a busy spell of the shared machine does not end "
-        "the search.",
+        "fails twice in a row"
+        + (
+            f"; one that fails while other processes on the machine use {c['noise_cores']:.0%} of a core or "
+            f"more is tried up to {c['noisy_retries']} more times, so that a busy spell of the shared machine "
+            "does not end the search."
+            if "noisy_retries" in c
+            else "."
+        ),
         "",
         "| relay | ceiling tokens/s | p99 ms there | server CPU there | first failing offer | vs tutorial |",
         "|---|---:|---:|---:|---:|---:|",
