@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from components import unavailable
 from fakes import free_port
 
 __all__ = [
@@ -87,10 +88,6 @@ def run_redis_server(executable: str | None = None, *, startup_timeout: float = 
                         proc.wait()
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 def redis_url_fixture(name: str = "redis_url") -> Callable[..., Iterator[str]]:
     """A session-scoped fixture yielding the URL of a ``redis-server`` started for the session.
 
@@ -102,9 +99,7 @@ def redis_url_fixture(name: str = "redis_url") -> Callable[..., Iterator[str]]:
         try:
             executable = find_redis_server()
         except FileNotFoundError as exc:
-            if _in_ci():
-                pytest.fail(f"{exc} (CI must run the Redis tests)", pytrace=False)
-            pytest.skip(str(exc))
+            unavailable(str(exc), "Redis")
         with run_redis_server(executable) as url:
             yield url
 
@@ -116,9 +111,7 @@ def require_redis_server() -> str:
     try:
         return find_redis_server()
     except FileNotFoundError as exc:
-        if _in_ci():
-            pytest.fail(f"{exc} (CI must run the Redis tests)", pytrace=False)
-        pytest.skip(str(exc))
+        unavailable(str(exc), "Redis")
 
 
 class RedisServer:

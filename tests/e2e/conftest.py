@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from typing import NoReturn
 from dataclasses import dataclass, field
 
 import pytest
+
+from components import unavailable
 
 CHROMIUM = os.environ.get("TOKENWIRE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -33,10 +36,8 @@ window.addEventListener("unhandledrejection", (event) => {
 """
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{reason} (CI=true: browser tests must run in CI; install Debian's chromium)")
-    pytest.skip(reason)
+def _unavailable(reason: str) -> NoReturn:
+    unavailable(f"{reason}; install Debian's chromium", "browser")
 
 
 @pytest.fixture(scope="module")
