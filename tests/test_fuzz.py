@@ -89,15 +89,21 @@ json_values = st.recursive(
 )
 
 
+ids = st.text(string.ascii_letters + string.digits + "_-", min_size=1, max_size=30)  # stream and chat ids
+
+
 def weighted(*choices: tuple[int, st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]:
     """``one_of`` with weights (hypothesis picks branches about evenly)."""
     pool = [strategy for weight, strategy in choices for _ in range(weight)]
     return st.integers(0, len(pool) - 1).flatmap(lambda i: pool[i])
 
 
-def field(plausible: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    """Mostly a value of the right type, sometimes anything at all."""
-    return plausible | json_values
+def field(plausible: st.SearchStrategy[Any], odds: int = 1) -> st.SearchStrategy[Any]:
+    """A value of the right type ``odds`` times to one, else anything at all.
+
+    Higher odds reach deeper: a chat's parts are only read when its id and messages are right.
+    """
+    return weighted((odds, plausible), (1, json_values))
 
 
 messages = st.lists(
@@ -200,7 +206,7 @@ def test_random_posts(
 @FUZZ
 @given(
     use_real_id=st.booleans(),
-    other_id=st.text(string.ascii_letters + string.digits + "_-", min_size=1, max_size=30),
+    other_id=ids,
     last_event_id=cursors,
     after=st.none() | st.text(max_size=12) | st.sampled_from(["²", "٣", "9" * 5000]),
 )
@@ -232,12 +238,10 @@ def test_random_resumes(
 # -- the other APIs' routes ----------------------------------------------------------
 
 PNG = "data:image/png;base64,iVBORw0KGgo="
-ids = st.text(string.ascii_letters + string.digits + "_-", min_size=1, max_size=12)
 
 
 def mostly(plausible: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    """A value of the right type four times in five, else anything: deep enough to reach every part."""
-    return weighted((4, plausible), (1, json_values))
+    return field(plausible, odds=4)
 
 
 parts = st.fixed_dictionaries(
