@@ -42,10 +42,13 @@ from tokenwire import (
     ReasoningSignature,
     RedactedReasoning,
     Refusal,
+    ScriptedProvider,
+    Settings,
     Token,
     ToolCallDelta,
     ToolCallEnd,
     ToolCallStart,
+    create_app,
 )
 import uvicorn
 
@@ -592,6 +595,21 @@ class ServeProcess:
 
     def rss_kib(self) -> int:
         return status_kib(self.pid, "VmRSS")
+
+
+#: The one API key of :func:`keyed_server`.
+API_KEY = "sk-tokenwire-test-key-0123456789"
+
+
+@contextlib.contextmanager
+def keyed_server(directory: Path) -> Iterator[str]:
+    """tokenwire with one API key (:data:`API_KEY`, in a keys file under ``directory``) and the echoing
+    scripted provider, in a real uvicorn; yields its base URL."""
+    keys = directory / "keys"
+    keys.write_text(API_KEY + "\n")
+    app = create_app(Settings(auth_keys_file=str(keys)), provider=ScriptedProvider(interval=0, echo=True))
+    with serve_app(app) as url:
+        yield url
 
 
 @contextlib.contextmanager

@@ -16,9 +16,8 @@ import httpx
 import openai
 import pytest
 
-from fakes import FakeOpenAIUpstream, active_streams, serve_app, wait_until
+from fakes import API_KEY, FakeOpenAIUpstream, active_streams, keyed_server, wait_until
 from relayed_upstream import relayed_upstream_fixtures
-from tokenwire import ScriptedProvider, Settings, create_app
 
 RECORDINGS = Path(__file__).parent / "fixtures" / "openai"
 TOOLS = [
@@ -128,16 +127,13 @@ def test_models_lists_what_a_request_may_name(sdk: openai.OpenAI) -> None:
 
 
 def test_the_v1_routes_take_the_servers_keys(tmp_path: Path) -> None:
-    keys = tmp_path / "keys"
-    keys.write_text("sk-tokenwire-test-key-0123456789\n")
-    app = create_app(Settings(auth_keys_file=str(keys)), provider=ScriptedProvider(interval=0, echo=True))
-    with serve_app(app) as url:
+    with keyed_server(tmp_path) as url:
         with openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0) as wrong:
             with pytest.raises(openai.AuthenticationError):
                 wrong.models.list()
             with pytest.raises(openai.AuthenticationError):
                 wrong.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}])
-        with openai.OpenAI(base_url=url + "/v1", api_key="sk-tokenwire-test-key-0123456789", max_retries=0) as right:
+        with openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0) as right:
             answer = right.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "echo me"}])
             assert answer.choices[0].message.content == "echo me"
 

@@ -17,9 +17,8 @@ from typing import Any
 import pytest
 
 import node_sdk
-from fakes import FakeOpenAIUpstream, active_streams, serve_app, wait_until
+from fakes import FakeOpenAIUpstream, active_streams, keyed_server, wait_until
 from relayed_upstream import relayed_upstream_fixtures
-from tokenwire import ScriptedProvider, Settings, create_app
 
 SCRIPT = node_sdk.ROOT / "tests" / "js_sdk" / "openai_sdk.mjs"
 RECORDINGS = node_sdk.ROOT / "tests" / "fixtures" / "openai"
@@ -107,9 +106,6 @@ def test_errors_are_the_sdks_own(upstream: FakeOpenAIUpstream, base_url: str) ->
 
 
 def test_a_wrong_key_is_an_authentication_error(tmp_path: Path) -> None:
-    keys = tmp_path / "keys"
-    keys.write_text("sk-tokenwire-test-key-0123456789\n")
-    app = create_app(Settings(auth_keys_file=str(keys)), provider=ScriptedProvider(interval=0, echo=True))
-    with serve_app(app) as url:
+    with keyed_server(tmp_path) as url:
         wrong = run_sdk(url, "unauthorized")
     assert (wrong["name"], wrong["expected"], wrong["status"]) == ("AuthenticationError", True, 401)
