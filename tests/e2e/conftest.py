@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
-from typing import NoReturn
 from dataclasses import dataclass, field
 
 import pytest
@@ -36,23 +35,19 @@ window.addEventListener("unhandledrejection", (event) => {
 """
 
 
-def _unavailable(reason: str) -> NoReturn:
-    unavailable(f"{reason}; install Debian's chromium", "browser")
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     try:
         from playwright.sync_api import Error, sync_playwright
     except ImportError:
-        _unavailable("playwright is not installed: pip install -e '.[test]'")
+        unavailable("playwright is not installed: pip install -e '.[test]'", "browser")
     if not os.path.exists(CHROMIUM):
-        _unavailable(f"no Chromium at {CHROMIUM}: apt-get install chromium, or set TOKENWIRE_CHROMIUM")
+        unavailable(f"no Chromium at {CHROMIUM}: apt-get install chromium, or set TOKENWIRE_CHROMIUM", "browser")
     with sync_playwright() as playwright:
         try:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         except Error as exc:
-            _unavailable(f"Chromium at {CHROMIUM} did not start: {exc}")
+            unavailable(f"Chromium at {CHROMIUM} did not start: {exc}", "browser")
         try:
             yield browser
         finally:
