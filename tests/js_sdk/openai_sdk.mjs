@@ -74,8 +74,7 @@ const cases = {
     return null;
   },
 
-  // Each way a request can fail, as the SDK raises it: its error class, and whether it is the
-  // SDK's own subclass for that status.
+  // Each way a request can fail, as the SDK raises it (see failure()).
   async refused() {
     return failure(() => client.chat.completions.create({ model: "served-model", messages: hi, n: 2 }), OpenAI.BadRequestError);
   },
@@ -96,6 +95,8 @@ const cases = {
   },
 };
 
+// What `request` threw: its class's name, whether it is an `expected` (the SDK's own class for that
+// failure), its status and message.
 async function failure(request, expected) {
   try {
     await request();
